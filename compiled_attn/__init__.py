@@ -1,0 +1,22 @@
+"""compiled_attn: paged attention for LLM inference, one contract over many backends,
+whole under torch.compile, CUDA graphs and export."""
+
+from . import ops
+from .backends import available_backends, select_backend
+from .cache import BlockAllocator, CacheFullError, PagedKVCache
+from .layer import Attention
+from .metadata import AttentionMetadata
+from .spec import AttentionSpec
+
+__all__ = [
+    "Attention",
+    "AttentionMetadata",
+    "AttentionSpec",
+    "BlockAllocator",
+    "CacheFullError",
+    "PagedKVCache",
+    "available_backends",
+    "ops",
+    "select_backend",
+]
+__version__ = "0.1.0"

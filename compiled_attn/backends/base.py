@@ -1,0 +1,115 @@
+"""The backend contract: capabilities as data, ``supports()`` reasons, one ``forward`` per step."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import ClassVar
+
+import torch
+
+from ..metadata import AttentionMetadata
+from ..spec import AttentionSpec
+
+ALL_FEATURES = frozenset({"sliding_window", "alibi", "logits_soft_cap", "fp8_kv_cache"})
+
+
+class AttentionBackend:
+    """Stateless; subclasses declare what they can do and implement ``forward``.
+
+    ``forward`` stores the new tokens' K/V into ``kv_cache`` through ``meta.slot_mapping`` and
+    writes attention of every new token over its sequence's whole context into ``out``. It must
+    not synchronise with the host or branch on tensor values (it runs under CUDA-graph capture);
+    host-side decisions belong in ``plan``.
+    """
+
+    name: ClassVar[str]
+    device_types: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    head_sizes: ClassVar[tuple[int, ...] | None] = None
+    """Supported head sizes; ``None`` = any."""
+    block_size_multiple: ClassVar[int] = 1
+    """Block sizes must be multiples of this."""
+    max_block_size: ClassVar[int] = 256
+    features: ClassVar[frozenset[str]] = ALL_FEATURES
+    required_packages: ClassVar[tuple[str, ...]] = ()
+    min_compute_capability: ClassVar[tuple[int, int] | None] = None
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this backend cannot run on this machine at all (missing package), or None."""
+        for package in cls.required_packages:
+            if importlib.util.find_spec(package) is None:
+                return f"package '{package}' is not installed"
+        return None
+
+    @classmethod
+    def supports(
+        cls,
+        spec: AttentionSpec,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        block_size: int | None = None,
+    ) -> str | None:
+        """``None`` if this backend can serve the layer, else a human-readable reason."""
+        reason = cls.unavailable_reason()
+        if reason:
+            return reason
+        device = torch.device(device)
+        if device.type not in cls.device_types:
+            return f"runs on {'/'.join(cls.device_types)}, not {device.type}"
+        if cls.min_compute_capability and device.type == "cuda":
+            if not torch.cuda.is_available():
+                return "CUDA is not available"
+            cc = torch.cuda.get_device_capability(device)
+            if cc < cls.min_compute_capability:
+                return f"needs compute capability >= {cls.min_compute_capability}, device has {cc}"
+        if dtype is not None and dtype not in cls.dtypes:
+            return f"dtype {dtype} is not supported (supported: {', '.join(map(str, cls.dtypes))})"
+        if cls.head_sizes is not None and spec.head_size not in cls.head_sizes:
+            return f"head_size {spec.head_size} is not supported (supported: {', '.join(map(str, cls.head_sizes))})"
+        if block_size is not None and (block_size % cls.block_size_multiple or block_size > cls.max_block_size):
+            return (
+                f"block_size {block_size} is not supported (needs a multiple of {cls.block_size_multiple}, "
+                f"at most {cls.max_block_size})"
+            )
+        missing = [f for f in spec.features() if f not in cls.features]
+        if missing:
+            return f"does not support {', '.join(missing)}"
+        return cls.extra_reason(spec, device=device, dtype=dtype, block_size=block_size)
+
+    @classmethod
+    def extra_reason(
+        cls, spec: AttentionSpec, *, device: torch.device, dtype: torch.dtype | None, block_size: int | None
+    ) -> str | None:
+        """Hook for limits that are not simple data; default: none."""
+        return None
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        """The per-layer cache shape; every built-in backend uses the canonical layout."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def plan(cls, meta: AttentionMetadata) -> AttentionMetadata:
+        """Host-side preparation once per step (outside captured code); default: nothing."""
+        return meta
+
+    @classmethod
+    def forward(
+        cls,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        out: torch.Tensor,
+        *,
+        scale: float,
+        sliding_window: int | None,
+        logits_soft_cap: float | None,
+        alibi_slopes: torch.Tensor | None,
+        k_scale: torch.Tensor,
+        v_scale: torch.Tensor,
+    ) -> None:
+        raise NotImplementedError

@@ -1,0 +1,107 @@
+"""Paged-cache building blocks in plain PyTorch, shared by the PyTorch backends and export.
+
+Every function here is free of host synchronisation and value-dependent shapes, so it can run
+under CUDA-graph capture and be exported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..metadata import AttentionMetadata
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast new K/V to the cache dtype; fp8 caches store ``x / scale`` saturated to the fp8 range."""
+    if dtype.is_floating_point and dtype.itemsize == 1:
+        limit = torch.finfo(dtype).max
+        return (x.float() / scale).clamp(-limit, limit).to(dtype)
+    return x.to(dtype)
+
+
+def dequantize(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if x.dtype.itemsize == 1:
+        return (x.float() * scale).to(dtype)
+    return x.to(dtype)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+) -> None:
+    """``kv_cache[:, slot // bs, slot % bs] = (k, v)`` for every token with ``slot >= 0``."""
+    _, num_blocks, block_size, kv_heads, head_size = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_size)
+    new_k = quantize(k, k_scale, kv_cache.dtype)
+    new_v = quantize(v, v_scale, kv_cache.dtype)
+    if k.is_cuda and torch.cuda.is_current_stream_capturing():
+        # Capture cannot size a tensor by the number of real tokens: route every slot through an
+        # inverse map (one int per slot) instead of a boolean-mask index.
+        num_slots = num_blocks * block_size
+        target = torch.where(slot_mapping >= 0, slot_mapping, num_slots)
+        source = torch.full((num_slots + 1,), k.shape[0], dtype=torch.long, device=k.device)
+        source.scatter_(0, target, torch.arange(k.shape[0], device=k.device))
+        source = source[:num_slots]
+        written = (source < k.shape[0])[:, None, None]
+        index = source.clamp(max=k.shape[0] - 1)
+        flat[0].copy_(torch.where(written, new_k[index], flat[0]))
+        flat[1].copy_(torch.where(written, new_v[index], flat[1]))
+        return
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    flat[0].index_copy_(0, slots, new_k[keep])
+    flat[1].index_copy_(0, slots, new_v[keep])
+
+
+def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each new token: (its sequence index, its absolute position, whether it is real).
+
+    Padding tokens get sequence 0, position -1 and ``valid == False``.
+    """
+    device = meta.query_start_loc.device
+    starts = meta.query_start_loc.long()
+    token = torch.arange(num_tokens, device=device)
+    seq = torch.searchsorted(starts[1:], token, right=True)
+    valid = token < starts[-1]
+    seq = torch.where(valid, seq, 0).clamp(max=meta.seq_lens.shape[0] - 1)
+    query_lens = starts[1:] - starts[:-1]
+    context = meta.seq_lens.long() - query_lens
+    pos = torch.where(valid, context[seq] + token - starts[seq], -1)
+    return seq, pos, valid
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_table: torch.Tensor, scale: torch.Tensor, which: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Each sequence's cached K (``which=0``) or V (1) laid out densely: [B, L, kv_heads, D]."""
+    _, _, block_size, kv_heads, head_size = kv_cache.shape
+    blocks = kv_cache[which][block_table.long()]  # [B, max_blocks, block_size, kv_heads, D]
+    dense = blocks.reshape(block_table.shape[0], -1, kv_heads, head_size)
+    return dequantize(dense, scale, dtype)
+
+
+def score_bias_and_mask(
+    query_pos: torch.Tensor,
+    key_len: int,
+    *,
+    sliding_window: int | None,
+    alibi_slopes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Causal (+ window) visibility ``[..., key_len]`` and the ALiBi bias ``[..., H, key_len]`` or None.
+
+    ``query_pos`` has any leading shape; keys are positions ``0 .. key_len-1``.
+    """
+    key_pos = torch.arange(key_len, device=query_pos.device)
+    qp = query_pos[..., None]
+    visible = key_pos <= qp
+    if sliding_window is not None:
+        visible &= key_pos > qp - sliding_window
+    bias = None
+    if alibi_slopes is not None:
+        distance = (key_pos - qp).float()  # <= 0 for visible keys
+        bias = alibi_slopes.float().view(*([1] * query_pos.dim()), -1, 1) * distance[..., None, :]
+    return visible, bias

@@ -1,0 +1,122 @@
+"""Attention(nn.Module): the only thing a model holds."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import config, ops
+from .backends import select_backend
+from .metadata import AttentionMetadata
+from .spec import AttentionSpec
+
+_INDEX_DTYPES = {"query_start_loc": torch.int32, "seq_lens": torch.int32, "block_table": torch.int32,
+                 "slot_mapping": torch.int64}
+
+
+class Attention(nn.Module):
+    """Stores the step's new K/V into a paged cache and attends over each sequence's context.
+
+    >>> spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32)
+    >>> attn = Attention(spec, backend="reference", device="cpu")
+    >>> cache = torch.zeros(2, 4, 16, 2, 32)
+    >>> meta = AttentionMetadata.build([3], [3], [[1]], block_size=16)
+    >>> attn(torch.randn(3, 4, 32), torch.randn(3, 2, 32), torch.randn(3, 2, 32), cache, meta).shape
+    torch.Size([3, 4, 32])
+
+    ``backend`` is ``"auto"`` (first by priority that supports the layer on ``device``; the
+    ``COMPILED_ATTN_BACKEND`` environment variable overrides it) or a backend's name.
+    ``k_scale``/``v_scale`` are the per-layer fp8 scales (buffers; 1.0 unless loaded).
+    """
+
+    def __init__(
+        self,
+        spec: AttentionSpec,
+        backend: str = "auto",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        block_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.backend = select_backend(spec, name=backend, device=device, dtype=dtype, block_size=block_size)
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32, device=device))
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32, device=device))
+        slopes = None
+        if spec.alibi_slopes is not None:
+            slopes = torch.tensor(spec.alibi_slopes, dtype=torch.float32, device=device)
+        self.register_buffer("alibi_slopes", slopes)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, backend={self.backend.name}"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """q ``[T, H, D]``, k/v ``[T, KVH, D]``, kv_cache ``[2, num_blocks, block_size, KVH, D]`` → ``[T, H, D]``."""
+        self._check_inputs(q, k, v, kv_cache, meta)
+        out = torch.empty_like(q)
+        return ops.attention(
+            q, k, v, kv_cache, meta, out,
+            backend=self.backend.name,
+            scale=self.spec.softmax_scale,
+            sliding_window=self.spec.sliding_window,
+            logits_soft_cap=self.spec.logits_soft_cap,
+            alibi_slopes=self.alibi_slopes,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
+        )
+
+    def _check_inputs(self, q, k, v, kv_cache, meta: AttentionMetadata) -> None:
+        # Static checks (shapes, dtypes, devices): free under torch.compile, they become guards.
+        s = self.spec
+        if q.dim() != 3 or q.shape[1:] != (s.num_heads, s.head_size):
+            raise ValueError(f"q must be [num_tokens, {s.num_heads}, {s.head_size}], got {tuple(q.shape)}")
+        kv_shape = (q.shape[0], s.num_kv_heads, s.head_size)
+        for name, t in (("k", k), ("v", v)):
+            if tuple(t.shape) != kv_shape:
+                raise ValueError(f"{name} must be {list(kv_shape)} (num_tokens, num_kv_heads, head_size), got {tuple(t.shape)}")
+            if t.dtype != q.dtype:
+                raise ValueError(f"{name} has dtype {t.dtype} but q has {q.dtype}; pass one dtype")
+        if q.dtype not in self.backend.dtypes:
+            raise ValueError(f"q dtype {q.dtype} is not supported by backend {self.backend.name!r} "
+                             f"(supported: {', '.join(map(str, self.backend.dtypes))})")
+        if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3:] != (s.num_kv_heads, s.head_size):
+            raise ValueError(f"kv_cache must be [2, num_blocks, block_size, {s.num_kv_heads}, {s.head_size}], "
+                             f"got {tuple(kv_cache.shape)}")
+        if kv_cache.dtype != s.cache_dtype(q.dtype):
+            raise ValueError(f"kv_cache dtype {kv_cache.dtype} does not match the layer's "
+                             f"kv_cache_dtype={s.kv_cache_dtype!r} for {q.dtype} queries (expected {s.cache_dtype(q.dtype)})")
+        if meta.slot_mapping.shape[0] != q.shape[0]:
+            raise ValueError(f"meta has {meta.slot_mapping.shape[0]} tokens but q has {q.shape[0]}")
+        for name, dtype in _INDEX_DTYPES.items():
+            t = getattr(meta, name)
+            if t.dtype != dtype:
+                raise ValueError(f"meta.{name} must be {dtype}, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"meta.{name} is on {t.device} but q is on {q.device}; build the metadata on {q.device}")
+        for name, t in (("k", k), ("v", v), ("kv_cache", kv_cache), ("k_scale", self.k_scale)):
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if q.device.type not in self.backend.device_types:
+            raise ValueError(f"backend {self.backend.name!r} runs on {self.backend.device_types}, not {q.device.type}; "
+                             "construct Attention with device=... so the right backend is selected")
+        if self._data_checks_wanted(q):
+            meta.check(num_blocks=kv_cache.shape[1], block_size=kv_cache.shape[2])
+
+    @staticmethod
+    def _data_checks_wanted(q: torch.Tensor) -> bool:
+        # Value checks read tensors on the host: never while compiling or capturing.
+        if torch.compiler.is_compiling():
+            return False
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        mode = config.input_checks()
+        return mode == "always" or (mode == "cpu" and q.device.type == "cpu")

@@ -1,0 +1,198 @@
+"""AttentionMetadata: the per-step description of a flattened mixed batch, tensors only.
+
+A step's new tokens are concatenated across sequences. For sequence ``s``::
+
+    |<------------------ seq_lens[s] ------------------>|
+    |<---- context (already cached) ---->|<- query_len ->|
+                                          ^ query_start_loc[s] .. query_start_loc[s+1] in q
+
+Padding tokens (beyond ``query_start_loc[-1]``) have ``slot_mapping == -1`` and produce
+zeros; padding sequences have ``query_len == seq_len == 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.utils._pytree as pytree
+
+PAD_SLOT = -1
+"""``slot_mapping`` value of a token whose K/V must not be stored."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionMetadata:
+    """Tensors describing one step; shared by every layer of the model.
+
+    >>> m = AttentionMetadata.build(query_lens=[3, 1], seq_lens=[3, 5], block_tables=[[0], [2, 1]], block_size=4)
+    >>> m.query_start_loc.tolist(), m.slot_mapping.tolist()
+    ([0, 3, 4], [0, 1, 2, 4])
+    """
+
+    query_start_loc: torch.Tensor
+    """[B+1] int32: cumulative new-token counts (cu_seqlens of the queries)."""
+    seq_lens: torch.Tensor
+    """[B] int32: whole context of each sequence, new tokens included."""
+    block_table: torch.Tensor
+    """[B, max_blocks] int32: cache block ids of each sequence, in order."""
+    slot_mapping: torch.Tensor
+    """[T] int64: flat cache slot (block * block_size + offset) of each new token; -1 = store nothing."""
+    max_query_len: int
+    """Static upper bound on any sequence's new tokens (from the bucket, not the batch)."""
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    def to(self, device: torch.device | str) -> AttentionMetadata:
+        return dataclasses.replace(
+            self,
+            query_start_loc=self.query_start_loc.to(device),
+            seq_lens=self.seq_lens.to(device),
+            block_table=self.block_table.to(device),
+            slot_mapping=self.slot_mapping.to(device),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        query_lens: Sequence[int],
+        seq_lens: Sequence[int],
+        block_tables: Sequence[Sequence[int]],
+        block_size: int,
+        device: torch.device | str = "cpu",
+        *,
+        num_tokens: int | None = None,
+        num_seqs: int | None = None,
+        max_blocks: int | None = None,
+        max_query_len: int | None = None,
+        num_blocks: int | None = None,
+    ) -> AttentionMetadata:
+        """Build metadata on the host from per-sequence lengths and block lists.
+
+        ``num_tokens``/``num_seqs``/``max_blocks`` pad the batch to a fixed shape (a bucket) so a
+        compiled or captured step sees the same shapes for every batch composition.
+        ``max_query_len`` defaults to the padded token count, which is always safe and never
+        changes with the batch. ``num_blocks`` (the cache size) enables the bounds check.
+        """
+        query_lens = [int(q) for q in query_lens]
+        seq_lens = [int(s) for s in seq_lens]
+        if not (len(query_lens) == len(seq_lens) == len(block_tables)):
+            raise ValueError(
+                f"query_lens ({len(query_lens)}), seq_lens ({len(seq_lens)}) and block_tables "
+                f"({len(block_tables)}) must have one entry per sequence"
+            )
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
+        for s, (q, n, blocks) in enumerate(zip(query_lens, seq_lens, block_tables)):
+            if q < 0 or n < q:
+                raise ValueError(
+                    f"sequence {s}: seq_len ({n}) must be >= query_len ({q}) >= 0; "
+                    "seq_len counts the cached context plus the new tokens"
+                )
+            if len(blocks) * block_size < n:
+                raise ValueError(
+                    f"sequence {s}: seq_len {n} needs {-(-n // block_size)} blocks of {block_size} "
+                    f"but its block table has {len(blocks)}; allocate more blocks first"
+                )
+            bad = [b for b in blocks if b < 0 or (num_blocks is not None and b >= num_blocks)]
+            if bad:
+                raise ValueError(
+                    f"sequence {s}: block table entries {bad[:4]} are outside the cache "
+                    f"(valid ids: 0..{'?' if num_blocks is None else num_blocks - 1})"
+                )
+
+        total = sum(query_lens)
+        num_tokens = total if num_tokens is None else num_tokens
+        num_seqs = len(seq_lens) if num_seqs is None else num_seqs
+        widest = max((len(b) for b in block_tables), default=0)
+        max_blocks = max(widest, 1) if max_blocks is None else max_blocks
+        if num_tokens < total or num_seqs < len(seq_lens) or max_blocks < widest:
+            raise ValueError(
+                f"batch ({total} tokens, {len(seq_lens)} sequences, {widest} blocks wide) does not fit "
+                f"the padded shape ({num_tokens} tokens, {num_seqs} sequences, {max_blocks} blocks)"
+            )
+        max_query_len = num_tokens if max_query_len is None else max_query_len
+        if max(query_lens, default=0) > max_query_len:
+            raise ValueError(f"a sequence has {max(query_lens)} new tokens, over max_query_len={max_query_len}")
+
+        starts = [0]
+        slots: list[int] = []
+        for q, n, blocks in zip(query_lens, seq_lens, block_tables):
+            starts.append(starts[-1] + q)
+            for pos in range(n - q, n):
+                slots.append(blocks[pos // block_size] * block_size + pos % block_size)
+        if len(set(slots)) != len(slots):
+            raise ValueError("slot_mapping writes the same cache slot twice; two sequences share a block they both write")
+        starts += [total] * (num_seqs - len(seq_lens))
+        slots += [PAD_SLOT] * (num_tokens - total)
+        table = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
+        for s, blocks in enumerate(block_tables):
+            table[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        lens = seq_lens + [0] * (num_seqs - len(seq_lens))
+        return cls(
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+            block_table=table.to(device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            max_query_len=max_query_len,
+        )
+
+    def check(self, num_blocks: int, block_size: int) -> None:
+        """Validate the tensors against a cache (reads them on the host: not for captured code)."""
+        starts = self.query_start_loc.cpu().long()
+        lens = self.seq_lens.cpu().long()
+        table = self.block_table.cpu().long()
+        slots = self.slot_mapping.cpu()
+        if starts.shape[0] != lens.shape[0] + 1 or table.shape[0] != lens.shape[0]:
+            raise ValueError(
+                f"query_start_loc {tuple(starts.shape)}, seq_lens {tuple(lens.shape)} and block_table "
+                f"{tuple(table.shape)} disagree on the number of sequences"
+            )
+        query_lens = starts[1:] - starts[:-1]
+        if bool((query_lens < 0).any()) or int(starts[-1]) > slots.shape[0]:
+            raise ValueError("query_start_loc must be non-decreasing and end at or before num_tokens")
+        if bool((lens < query_lens).any()):
+            s = int((lens < query_lens).nonzero()[0])
+            raise ValueError(f"sequence {s}: seq_len {int(lens[s])} is shorter than its query_len {int(query_lens[s])}")
+        if lens.numel() and int(lens.max()) > table.shape[1] * block_size:
+            raise ValueError(f"a seq_len exceeds the block table's capacity ({table.shape[1]} x {block_size})")
+        used_blocks = (lens + block_size - 1) // block_size
+        in_use = torch.arange(table.shape[1]) < used_blocks[:, None]
+        if bool(((table < 0) | (table >= num_blocks))[in_use].any()):
+            raise ValueError(f"block_table points outside the cache (valid block ids: 0..{num_blocks - 1})")
+        real = slots[slots != PAD_SLOT]
+        if bool(((real < 0) | (real >= num_blocks * block_size)).any()):
+            raise ValueError(f"slot_mapping holds slots outside the cache (valid: 0..{num_blocks * block_size - 1}, or -1)")
+        if real.unique().numel() != real.numel():
+            raise ValueError("slot_mapping writes the same cache slot twice")
+
+
+def _flatten(m: AttentionMetadata):
+    return [m.query_start_loc, m.seq_lens, m.block_table, m.slot_mapping], m.max_query_len
+
+
+def _flatten_with_keys(m: AttentionMetadata):
+    names = ("query_start_loc", "seq_lens", "block_table", "slot_mapping")
+    children, ctx = _flatten(m)
+    return [(pytree.GetAttrKey(n), c) for n, c in zip(names, children)], ctx
+
+
+def _unflatten(children, max_query_len) -> AttentionMetadata:
+    return AttentionMetadata(*children, max_query_len=max_query_len)
+
+
+# Registered so compile/export see the tensors as graph inputs and max_query_len as a constant.
+pytree.register_pytree_node(
+    AttentionMetadata,
+    _flatten,
+    _unflatten,
+    serialized_type_name="compiled_attn.AttentionMetadata",
+    flatten_with_keys_fn=_flatten_with_keys,
+)

@@ -1,0 +1,106 @@
+"""The op boundary: ``torch.ops.compiled_attn.*`` schemas, fake impls and typed wrappers.
+
+Ops take tensors and scalars only (no Python objects, no global context), so eager mode,
+``torch.compile``, CUDA graphs and export all see the same graph. Every op passes
+``torch.library.opcheck`` (tests/test_ops.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends import get_backend
+from .metadata import AttentionMetadata
+from .backends.paged_torch import store_kv as _store_kv_torch
+
+# Scalars cannot be None in a schema: 0 means "no sliding window", 0.0 "no soft-cap".
+_NO_WINDOW = 0
+_NO_SOFT_CAP = 0.0
+
+
+@torch.library.custom_op("compiled_attn::attention", mutates_args=("kv_cache", "out"))
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    out: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    alibi_slopes: torch.Tensor | None,
+    backend: str,
+    scale: float,
+    sliding_window: int,
+    logits_soft_cap: float,
+    max_query_len: int,
+) -> None:
+    meta = AttentionMetadata(query_start_loc, seq_lens, block_table, slot_mapping, max_query_len)
+    get_backend(backend).forward(
+        q, k, v, kv_cache, meta, out,
+        scale=scale,
+        sliding_window=sliding_window or None,
+        logits_soft_cap=logits_soft_cap or None,
+        alibi_slopes=alibi_slopes,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+
+
+@_attention.register_fake
+def _(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
+      alibi_slopes, backend, scale, sliding_window, logits_soft_cap, max_query_len) -> None:
+    return None
+
+
+@torch.library.custom_op("compiled_attn::store_kv", mutates_args=("kv_cache",))
+def _store_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor, v_scale: torch.Tensor,
+) -> None:
+    _store_kv_torch(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+
+
+@_store_kv.register_fake
+def _(k, v, kv_cache, slot_mapping, k_scale, v_scale) -> None:
+    return None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    out: torch.Tensor,
+    *,
+    backend: str,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Store the new K/V and write paged attention into ``out`` (``[T, H, D]``); returns ``out``.
+
+    q ``[T, H, D]``, k/v ``[T, KVH, D]``, kv_cache ``[2, num_blocks, block_size, KVH, D]``,
+    k_scale/v_scale float32 scalars (used by fp8 caches). See ``backends.reference`` for the math.
+    """
+    _attention(
+        q, k, v, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_table, meta.slot_mapping, out,
+        k_scale, v_scale, alibi_slopes, backend, scale, sliding_window or _NO_WINDOW,
+        logits_soft_cap or _NO_SOFT_CAP, meta.max_query_len,
+    )
+    return out
+
+
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor, v_scale: torch.Tensor,
+) -> None:
+    """``kv_cache[:, slot // bs, slot % bs] = quantize(k, v)`` for each token whose slot is not -1."""
+    _store_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
