@@ -38,6 +38,9 @@ def store_kv(
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_size)
     new_k = quantize(k, k_scale, kv_cache.dtype)
     new_v = quantize(v, v_scale, kv_cache.dtype)
+    if kv_cache.dtype.itemsize == 1:
+        # Index kernels have no fp8 implementations; moving bytes is the same thing.
+        flat, new_k, new_v = flat.view(torch.uint8), new_k.view(torch.uint8), new_v.view(torch.uint8)
     if k.is_cuda and torch.cuda.is_current_stream_capturing():
         # Capture cannot size a tensor by the number of real tokens: route every slot through an
         # inverse map (one int per slot) instead of a boolean-mask index.
