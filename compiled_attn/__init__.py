@@ -3,6 +3,7 @@ whole under torch.compile, CUDA graphs and export."""
 
 from . import ops
 from .backends import available_backends, select_backend
+from .graphs import BatchLayout, CUDAGraphRunner
 from .cache import BlockAllocator, CacheFullError, PagedKVCache
 from .layer import Attention
 from .metadata import AttentionMetadata
@@ -12,7 +13,9 @@ __all__ = [
     "Attention",
     "AttentionMetadata",
     "AttentionSpec",
+    "BatchLayout",
     "BlockAllocator",
+    "CUDAGraphRunner",
     "CacheFullError",
     "PagedKVCache",
     "available_backends",

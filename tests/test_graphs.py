@@ -1,0 +1,150 @@
+"""CUDAGraphRunner: bucket choice, padding, the stale-plan check and the eager fallback (CPU),
+replay against eager on the GPU."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import compiled_attn as ca
+from compiled_attn.graphs import BatchLayout, Bucket, CUDAGraphRunner, choose_bucket, default_decode_buckets
+
+SPEC = ca.AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32)
+
+
+def test_default_decode_buckets():
+    assert default_decode_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
+    assert default_decode_buckets(20) == [1, 2, 4, 8, 16, 20]
+
+
+@pytest.mark.parametrize(
+    "query_lens, expected",
+    [
+        ([1, 1, 1], Bucket("decode", 4, 4)),
+        ([1] * 8, Bucket("decode", 8, 8)),
+        ([5, 1], Bucket("prefill", 8, 8)),
+        ([9, 1, 1], Bucket("prefill", 16, 8)),
+        ([1] * 9, Bucket("prefill", 16, 8)),  # over the largest decode bucket: a prefill bucket takes it
+    ],
+)
+def test_choose_bucket(query_lens, expected):
+    batch = BatchLayout(query_lens, [q + 3 for q in query_lens], [[i] for i in range(len(query_lens))])
+    assert choose_bucket(batch, [1, 2, 4, 8], [8, 16], max_num_seqs=16, max_blocks=2) == dataclasses.replace(
+        expected, num_seqs=expected.num_seqs if expected.kind == "decode" else 16)
+
+
+@pytest.mark.parametrize(
+    "batch, reason",
+    [
+        (BatchLayout([40], [40], [[0, 1, 2]]), "over the largest prefill bucket"),
+        (BatchLayout([1], [40], [[0, 1, 2, 3]]), "over the 3 the graphs were captured with"),
+        (BatchLayout([2] * 5, [2] * 5, [[i] for i in range(5)]), "over max_num_seqs=4"),
+    ],
+)
+def test_choose_bucket_reasons(batch, reason):
+    result = choose_bucket(batch, [1, 2, 4], [16, 32], max_num_seqs=4, max_blocks=3)
+    assert isinstance(result, str) and reason in result
+
+
+class TinyStep(torch.nn.Module):
+    """A user's step: project tokens to q/k/v, one paged attention layer, back to features."""
+
+    def __init__(self, backend: str = "reference", device: str = "cpu"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(16, (SPEC.num_heads + 2 * SPEC.num_kv_heads) * SPEC.head_size, device=device)
+        self.attn = ca.Attention(SPEC, backend=backend, device=device)
+        self.kv_cache = torch.zeros(2, 32, 4, SPEC.num_kv_heads, SPEC.head_size, device=device)
+
+    def forward(self, x: torch.Tensor, meta: ca.AttentionMetadata) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([SPEC.num_heads * 32, SPEC.num_kv_heads * 32, SPEC.num_kv_heads * 32], -1)
+        out = self.attn(q.view(-1, 4, 32), k.view(-1, 2, 32), v.view(-1, 2, 32), self.kv_cache, meta)
+        return out.flatten(1)
+
+
+def _runner(step, **kw):
+    return CUDAGraphRunner(step, token_input_specs=[((16,), torch.float32)], block_size=4, max_blocks=4,
+                           max_num_seqs=4, decode_buckets=[1, 2, 4], prefill_buckets=[8, 16], device="cpu", **kw)
+
+
+def test_padded_run_equals_unpadded_eager():
+    step, eager_step = TinyStep(), TinyStep()
+    runner = _runner(step)
+    runner.capture()
+    batches = [
+        BatchLayout([5, 2], [5, 2], [[3, 4], [9]]),  # prefill: pads 7 -> 8 tokens
+        BatchLayout([1, 1], [6, 3], [[3, 4], [9]]),  # decode: bucket 2
+        BatchLayout([1, 1, 3], [7, 4, 3], [[3, 4], [9], [11]]),  # mixed: pads 5 -> 8
+    ]
+    for batch in batches:
+        x = torch.randn(batch.num_tokens, 16)
+        got = runner.run([x], batch)
+        meta = ca.AttentionMetadata.build(batch.query_lens, batch.seq_lens, batch.block_tables, 4)
+        want = eager_step(x, meta)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert runner.last_eager_reason is None
+    torch.testing.assert_close(step.kv_cache, eager_step.kv_cache)
+
+
+def test_too_large_batch_runs_eagerly_with_reason():
+    runner = _runner(TinyStep())
+    runner.capture()
+    batch = BatchLayout([20], [20], [[0, 1, 2, 3, 5]])
+    out = runner.run([torch.randn(20, 16)], batch)
+    assert out.shape == (20, 128)
+    assert "over the 4 the graphs were captured with" in runner.last_eager_reason
+
+
+def test_stale_plan_falls_back_to_eager():
+    calls = {"n": 0}
+
+    def plan(meta):
+        # A plan that, after capture, asks for a wider block table than was captured.
+        calls["n"] += 1
+        if calls["n"] > len(runner.buckets()):
+            return dataclasses.replace(meta, block_table=torch.zeros(meta.num_seqs, 5, dtype=torch.int32))
+        return meta
+
+    runner = _runner(TinyStep(), plan=plan)
+    runner.capture()
+    runner.run([torch.randn(2, 16)], BatchLayout([1, 1], [2, 2], [[0], [1]]))
+    assert runner.last_eager_reason == "the backend's plan differs from the captured layout"
+
+
+def test_graphs_need_cuda():
+    with pytest.raises(ValueError, match="need a CUDA device"):
+        CUDAGraphRunner(TinyStep(), token_input_specs=[], block_size=4, max_blocks=1, max_num_seqs=1,
+                        device="cpu", use_graphs=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["reference", "torch_native", "triton"])
+def test_replay_equals_eager_on_gpu(backend):
+    if ca.available_backends(SPEC, device="cuda").get(backend) != "available":
+        pytest.skip(f"{backend} is not available here")
+    step, eager_step = TinyStep(backend, "cuda"), TinyStep(backend, "cuda")
+    runner = CUDAGraphRunner(step, token_input_specs=[((16,), torch.float32)], block_size=4, max_blocks=4,
+                             max_num_seqs=8, decode_buckets=[1, 2, 4, 8], prefill_buckets=[8, 16], device="cuda")
+    runner.capture()
+    g = torch.Generator().manual_seed(1)
+    for step_index in range(6):
+        num_seqs = int(torch.randint(1, 9, (1,), generator=g))
+        decode = step_index % 2 == 1
+        query_lens = [1] * num_seqs if decode else torch.randint(1, 3, (num_seqs,), generator=g).tolist()
+        seq_lens = [q + int(torch.randint(0, 12, (1,), generator=g)) for q in query_lens]
+        blocks = torch.randperm(32, generator=g).tolist()
+        tables = [blocks[4 * i: 4 * i + -(-n // 4)] for i, n in enumerate(seq_lens)]
+        batch = BatchLayout(query_lens, seq_lens, tables)
+        x = torch.randn(batch.num_tokens, 16, device="cuda")
+        allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
+        got = runner.run([x], batch)
+        assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations, "a replayed step must not allocate"
+        got = got.clone()
+        assert runner.last_eager_reason is None
+        meta = ca.AttentionMetadata.build(query_lens, seq_lens, tables, 4, "cuda")
+        want = eager_step(x, meta)
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(step.kv_cache, eager_step.kv_cache, rtol=1e-5, atol=1e-5)
