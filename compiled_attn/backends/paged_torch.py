@@ -35,29 +35,26 @@ def store_kv(
 ) -> None:
     """``kv_cache[:, slot // bs, slot % bs] = (k, v)`` for every token with ``slot >= 0``."""
     _, num_blocks, block_size, kv_heads, head_size = kv_cache.shape
+    if slot_mapping.shape[0] == 0:
+        return
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_size)
     new_k = quantize(k, k_scale, kv_cache.dtype)
     new_v = quantize(v, v_scale, kv_cache.dtype)
     if kv_cache.dtype.itemsize == 1:
         # Index kernels have no fp8 implementations; moving bytes is the same thing.
         flat, new_k, new_v = flat.view(torch.uint8), new_k.view(torch.uint8), new_v.view(torch.uint8)
-    if k.is_cuda and torch.cuda.is_current_stream_capturing():
-        # Capture cannot size a tensor by the number of real tokens: route every slot through an
-        # inverse map (one int per slot) instead of a boolean-mask index.
-        num_slots = num_blocks * block_size
-        target = torch.where(slot_mapping >= 0, slot_mapping, num_slots)
-        source = torch.full((num_slots + 1,), k.shape[0], dtype=torch.long, device=k.device)
-        source.scatter_(0, target, torch.arange(k.shape[0], device=k.device))
-        source = source[:num_slots]
-        written = (source < k.shape[0])[:, None, None]
-        index = source.clamp(max=k.shape[0] - 1)
-        flat[0].copy_(torch.where(written, new_k[index], flat[0]))
-        flat[1].copy_(torch.where(written, new_v[index], flat[1]))
-        return
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    flat[0].index_copy_(0, slots, new_k[keep])
-    flat[1].index_copy_(0, slots, new_v[keep])
+    # Tokens with slot -1 rewrite the slot and value of the last token that does store (or slot 0's
+    # own value if none does): duplicate indices then carry identical bytes, so one index_copy_
+    # of fixed size does the store -- no boolean-mask indexing, hence no host sync (capturable).
+    stores = slot_mapping >= 0
+    index = torch.arange(slot_mapping.shape[0], device=slot_mapping.device)
+    last = torch.where(stores, index, -1).max(dim=0, keepdim=True).values  # [1]
+    some = last >= 0
+    last = last.clamp(min=0)
+    slots = torch.where(stores, slot_mapping, torch.where(some, slot_mapping[last], 0))
+    for cache, new in ((flat[0], new_k), (flat[1], new_v)):
+        filler = torch.where(some[:, None, None], new[last], cache[:1])
+        cache.index_copy_(0, slots, torch.where(stores[:, None, None], new, filler))
 
 
 def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
