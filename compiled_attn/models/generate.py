@@ -1,0 +1,192 @@
+"""Generation loop: scheduler → padded step inputs → model step → sampling, with a progress bar.
+
+The step itself is ``LlamaForCausalLM.forward`` (or its ``compiled_step()``): tensors in, logits
+out. Everything host-side — admission, block allocation, metadata, positions — happens here,
+between steps, so the step can be compiled once per bucket and later captured as a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Collection, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import PagedKVCache
+from .batch import build_step_inputs, next_power_of_two
+from .llama import LlamaForCausalLM
+from .sampling import sample
+from .scheduler import Scheduled, Scheduler
+
+MIN_TOKEN_BUCKET = 8
+"""Smallest padded token count: small decode batches share one graph instead of one each."""
+
+# Each (token bucket, max_query_len) pair is one compiled graph; Dynamo's default limit of 8 per
+# function is too tight for a long run of varied batches. Raised only while generate() runs.
+_RECOMPILE_LIMIT = 64
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """What a ``generate`` call did and how fast."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+    first_step_seconds: float = 0.0
+    """Included in ``seconds``; holds the compile time when compiling."""
+    num_blocks: int = 0
+    """Size of the cache used."""
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second over the whole call."""
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def steady_tokens_per_s(self) -> float:
+        """Generated tokens per second after the first step (which may include compilation)."""
+        rest = self.seconds - self.first_step_seconds
+        return self.generated_tokens / rest if rest > 0 else 0.0
+
+    def summary(self) -> str:
+        return (f"{self.generated_tokens} tokens generated ({self.prompt_tokens} prompt) in {self.steps} steps, "
+                f"{self.seconds:.2f} s: {self.tokens_per_s:.1f} tokens/s "
+                f"({self.steady_tokens_per_s:.1f} tokens/s after the first step, which took "
+                f"{self.first_step_seconds:.2f} s)")
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    """New token ids of each prompt, in prompt order."""
+    stats: GenerationStats
+
+
+def generate(
+    model: LlamaForCausalLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int | Sequence[int],
+    *,
+    cache: PagedKVCache | None = None,
+    num_blocks: int | None = None,
+    block_size: int | None = None,
+    max_num_seqs: int = 8,
+    max_batch_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    eos_token_id: int | Collection[int] | None = None,
+    shuffle_seed: int | None = None,
+    progress: bool = False,
+    compile: bool = False,
+) -> GenerationResult:
+    """Continuous batching over a paged KV cache.
+
+    prompts: token id lists (any lengths); max_new_tokens: one int or one per prompt.
+    cache: reuse a ``PagedKVCache`` (its free blocks are used; blocks held by others are left
+    alone); otherwise one of ``num_blocks`` blocks of ``block_size`` (16) tokens is created,
+    by default just big enough for ``max_num_seqs`` of the longest requests at once, its block
+    pool shuffled by ``shuffle_seed``. Up to ``max_num_seqs`` sequences run together and a step
+    holds at most ``max_batch_tokens`` new tokens (longer prompts are prefilled in chunks).
+    ``temperature`` 0 is greedy; otherwise sampled (``top_k``, ``seed``). A sequence stops at
+    ``eos_token_id`` (included in its output) or its max tokens, freeing its blocks at once.
+    ``compile`` runs the step under ``torch.compile(fullgraph=True)``. Raises ``CacheFullError``
+    before any work when a request can never fit the cache.
+    """
+    limits = _per_prompt(max_new_tokens, len(prompts))
+    eos = () if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
+    if cache is None:
+        block_size = block_size or 16
+        needs = sorted((-(-(len(p) + n - 1) // block_size) for p, n in zip(prompts, limits) if n > 0), reverse=True)
+        num_blocks = num_blocks or max(1, sum(needs[:max_num_seqs]))
+        cache = model.new_cache(num_blocks, block_size, shuffle_seed=shuffle_seed)
+    else:
+        _check_cache(model, cache, block_size, num_blocks, shuffle_seed)
+    scheduler = Scheduler(prompts, limits, cache.allocator, block_size=cache.block_size, max_num_seqs=max_num_seqs,
+                          max_batch_tokens=max_batch_tokens, eos_token_id=eos)
+    # Fixed for the whole call: one block-table width and one sequence count, so only the token
+    # bucket varies from step to step.
+    table_width = next_power_of_two(max((s.blocks_needed(cache.block_size) for s in scheduler.sequences), default=1))
+    seq_bucket = next_power_of_two(max_num_seqs)
+    step = model.compiled_step() if compile else model
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+
+    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), num_blocks=cache.num_blocks)
+    bar = tqdm(total=sum(limits), unit="tok", desc="generate", disable=not progress, dynamic_ncols=True)
+    limit = (torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT))
+             if compile else contextlib.nullcontext())
+    start = time.perf_counter()
+    try:
+        with limit, torch.no_grad(), bar:
+            while scheduler.has_work:
+                plan = scheduler.schedule()
+                logits = _run_step(step, model, cache, plan, table_width, seq_bucket)
+                chosen = sample(logits[: len(plan)], temperature=temperature, top_k=top_k, generator=generator)
+                chosen = chosen.tolist()  # the one host sync per step
+                sampled = [t if item.samples else None for item, t in zip(plan, chosen)]
+                finished = scheduler.update(plan, sampled)
+                stats.steps += 1
+                if stats.steps == 1:
+                    stats.first_step_seconds = time.perf_counter() - start
+                new = sum(item.samples for item in plan)
+                stats.generated_tokens += new
+                # A sequence that stopped early at eos will never produce the rest of its budget.
+                bar.total -= sum(s.max_new_tokens - len(s.output) for s in finished)
+                bar.set_postfix(running=len(scheduler.running), waiting=len(scheduler.waiting), refresh=False)
+                bar.update(new)
+    except BaseException:
+        scheduler.release_all()  # leave a caller's cache as it was found
+        raise
+    stats.seconds = time.perf_counter() - start
+    return GenerationResult([seq.output for seq in scheduler.sequences], stats)
+
+
+def _run_step(step, model: LlamaForCausalLM, cache: PagedKVCache, plan: Sequence[Scheduled], table_width: int,
+              seq_bucket: int) -> torch.Tensor:
+    """Pad the plan to its bucket and run the step; logits ``[seq_bucket, vocab]`` (first rows: the plan's)."""
+    total = sum(len(item.chunk.tokens) for item in plan)
+    num_tokens = next_power_of_two(total, MIN_TOKEN_BUCKET)
+    decode_only = all(len(item.chunk.tokens) == 1 for item in plan)
+    inputs = build_step_inputs(
+        [item.chunk for item in plan], cache.block_size,
+        num_tokens=num_tokens, num_seqs=seq_bucket, max_blocks=table_width,
+        # Static query-length bound: 1 for pure decode (cheap backends), the token bucket otherwise.
+        max_query_len=1 if decode_only else num_tokens,
+        num_blocks=cache.num_blocks, device=model.device,
+    )
+    return step(inputs.input_ids, inputs.positions, cache.kv, inputs.meta, inputs.logits_index)
+
+
+def _per_prompt(max_new_tokens: int | Sequence[int], num_prompts: int) -> list[int]:
+    limits = [max_new_tokens] * num_prompts if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != num_prompts:
+        raise ValueError(f"max_new_tokens has {len(limits)} entries for {num_prompts} prompts")
+    if any(n < 0 for n in limits):
+        raise ValueError("max_new_tokens must be >= 0")
+    return limits
+
+
+def _check_cache(model: LlamaForCausalLM, cache: PagedKVCache, block_size: int | None, num_blocks: int | None,
+                 shuffle_seed: int | None) -> None:
+    if block_size is not None and block_size != cache.block_size:
+        raise ValueError(f"block_size={block_size} but the cache's blocks hold {cache.block_size} tokens")
+    if num_blocks is not None or shuffle_seed is not None:
+        raise ValueError("num_blocks and shuffle_seed size a cache generate() creates; "
+                         "pass them to PagedKVCache instead when passing cache=")
+    spec, want = cache.spec, model.attention_spec
+    expected_dtype = want.cache_dtype(model.dtype)
+    if (cache.num_layers, spec.num_kv_heads, spec.head_size) != (model.config.num_layers, want.num_kv_heads,
+                                                                 want.head_size):
+        raise ValueError(f"cache is for {cache.num_layers} layers x {spec.num_kv_heads} kv heads x {spec.head_size}; "
+                         f"the model needs {model.config.num_layers} x {want.num_kv_heads} x {want.head_size} "
+                         "(use model.new_cache(...))")
+    if cache.dtype != expected_dtype or cache.kv.device != model.device:
+        raise ValueError(f"cache is {cache.dtype} on {cache.kv.device}; the model needs {expected_dtype} on "
+                         f"{model.device} (use model.new_cache(...))")
