@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Everything the GPU machine does in one call: unpack the carried optional packages, print the
+# versions, run the GPU tests and/or the benchmark, and leave logs and results under $OUT.
+#   scripts/gpu_run.sh [tests|bench|all] [extra pytest args...]
+set -uo pipefail
+what=${1:-all}; shift || true
+OUT=${OUT:-out}; mkdir -p "$OUT" /tmp/site
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+for tarball in .gpu/flash_attn-*.tar.xz; do
+  [ -f "$tarball" ] && python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall('/tmp/site')" "$tarball"
+done
+ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())
+for name in ("triton", "flash_attn", "xformers", "transformers", "onnxruntime"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as err:
+        print(name, "unavailable:", type(err).__name__, err)
+import compiled_attn as ca
+for name, state in ca.available_backends(device="cuda", dtype=torch.bfloat16).items():
+    print(f"  backend {name}: {state}")
+PY
+status=0
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  python3 -m pytest tests -m gpu -q -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  python3 -m compiled_attn.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+exit $status
