@@ -205,11 +205,12 @@ class CUDAGraphRunner:
         seconds = time.perf_counter() - start
         if self.use_graphs:
             self.graph_memory_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
-        logger.info("captured %d buckets in %.1f s, graph memory %.1f MiB", len(self._graphs), seconds,
-                    self.graph_memory_bytes / 2**20)
+        summary = (f"captured {len(self._graphs)} buckets in {seconds:.1f} s "
+                   f"(graph memory {self.graph_memory_bytes / 2**20:.1f} MiB)" if self.use_graphs else
+                   f"warmed up {len(self._graphs)} buckets in {seconds:.1f} s (no CUDA graphs on {self.device.type})")
+        logger.info(summary)
         if self.progress:
-            print(f"captured {len(self._graphs)} buckets in {seconds:.1f} s "
-                  f"(graph memory {self.graph_memory_bytes / 2**20:.1f} MiB)")
+            print(summary)
 
     def _reset_buffers(self) -> None:
         # Capture with an empty batch: padding everywhere, nothing stored, nothing read.
