@@ -14,14 +14,15 @@ from ..spec import AttentionSpec
 from .base import AttentionBackend
 from .reference import ReferenceBackend
 from .torch_native import TorchNativeBackend
+from .triton import TritonBackend
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
-    b.name: b for b in (ReferenceBackend, TorchNativeBackend)
+    b.name: b for b in (ReferenceBackend, TorchNativeBackend, TritonBackend)
 }
 
 # First that can serve the layer wins. The reference is last everywhere: correct, never fast.
 PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("torch_native", "reference"),
+    "cuda": ("triton", "torch_native", "reference"),
     "cpu": ("torch_native", "reference"),
 }
 

@@ -1,0 +1,25 @@
+"""Triton kernels over the paged KV cache (needs the ``triton`` package).
+
+- :func:`store_kv` — write new K/V through ``slot_mapping`` (fp8 quantisation included).
+- :func:`paged_attention` — unified prefill / prefix-prefill / decode / spec-decode attention of a
+  flattened mixed batch, with split-KV (flash-decoding) for decode buckets.
+- :func:`store_and_decode` — the store fused into a decode kernel.
+
+Each has a ``*_reference`` twin in plain PyTorch, and an operator:
+``torch.ops.compiled_attn.triton_store_kv``, ``.triton_paged_attention`` and ``.store_and_decode``
+(a ``triton_op`` on CUDA so ``torch.compile`` sees the kernels; an opaque custom op elsewhere).
+On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, read at launch time).
+"""
+
+from .paged_attention import paged_attention, paged_attention_reference
+from .store_and_decode import store_and_decode, store_and_decode_reference
+from .store_kv import store_kv, store_kv_reference
+
+__all__ = [
+    "paged_attention",
+    "paged_attention_reference",
+    "store_and_decode",
+    "store_and_decode_reference",
+    "store_kv",
+    "store_kv_reference",
+]

@@ -1,0 +1,45 @@
+"""Interpreter/compiler switching for our Triton kernels.
+
+``triton.jit`` decides at decoration time whether a function is compiled or interpreted
+(``TRITON_INTERPRET``), so a module imported before the variable was set would hold compiled
+kernels that cannot run on CPU. Every launcher calls :func:`refresh` first: it swaps the module's
+kernels (and the helpers they call, looked up by global name at run time) for the twin that
+matches the environment *now*. Twins are cached, so compiled kernels keep their compile cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+_TWINS: dict[tuple[object, bool], object] = {}
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks for the interpreter (read at call time, not import time)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _twin(fn, interpret: bool):
+    key = (fn, interpret)
+    if key not in _TWINS:
+        _TWINS[key] = InterpretedFunction(fn) if interpret else JITFunction(fn)
+    return _TWINS[key]
+
+
+def refresh(namespace: dict) -> None:
+    """Make every Triton function in ``namespace`` (a module's globals) match the current mode."""
+    interpret = interpreting()
+    for name, obj in list(namespace.items()):
+        if isinstance(obj, (JITFunction, InterpretedFunction)):
+            mode = isinstance(obj, InterpretedFunction)
+            _TWINS.setdefault((obj.fn, mode), obj)
+            if mode != interpret:
+                namespace[name] = _twin(obj.fn, interpret)
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(n)

@@ -1,0 +1,487 @@
+"""Unified paged attention: prefill, prefix-prefill, chunked prefill, decode and spec-decode of a
+flattened mixed batch in one launch (plus a reduction when the context is split).
+
+Grid (static: from T, B, KV heads and the split count, never from tensor values)::
+
+    (T // BLOCK_Q + B,  num_kv_heads,  num_splits)
+
+Axis 0 enumerates query blocks: sequence ``s`` owns blocks ``query_start_loc[s] // BLOCK_Q + s``
+onward (one per ``BLOCK_Q`` of its new tokens), found by a binary search over
+``query_start_loc`` inside the kernel; programs past a sequence's last block exit at once.
+A program's tile packs ``BLOCK_Q`` query tokens × the ``G`` query heads of one KV head
+(``BLOCK_M = BLOCK_Q * G`` rows, GQA), so every K/V tile is read once per KV group. It walks
+the sequence's keys ``TILE_N`` at a time (each key row finds its cache block through the block
+table), causal, optionally windowed, with an online softmax in fp32.
+
+Split-KV (flash-decoding): when the batch is decode-like (``max_query_len`` small) and too small
+to fill the GPU, axis 2 splits each query block's key range into ``num_splits`` equal parts;
+each writes a partial (max, sum, acc) and :func:`_reduce_splits_kernel` combines them. The
+split count comes from static shapes (batch, KV heads, block-table width) and the SM count.
+
+Precision: all softmax arithmetic is fp32. On GPU ``tl.dot`` takes fp16/bf16 tiles (fp32 tiles
+with ``input_precision="ieee"`` for fp32 inputs) and accumulates in fp32. Under the Triton
+interpreter every dot is fp32 (the interpreter's bf16 math is wrong). fp8 K/V are converted
+exactly to the dot type and the scales folded into the scores (``k_scale``) and the output
+(``v_scale``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _jit
+
+# ---- tunables (not autotuned: one config per static shape keeps CUDA-graph capture simple) ----
+PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per program in prefill; FA2-style tile
+DECODE_BLOCK_M = 16  # smallest tl.dot M; decode rows are G heads of one token
+TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128)
+TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
+TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
+PREFILL_NUM_WARPS = 4
+DECODE_NUM_WARPS = 4
+NUM_STAGES = 2
+SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode buckets
+SPLIT_TARGET_PROGRAMS_PER_SM = 2  # flash-decoding: fill every SM about twice
+SPLIT_MIN_KEYS = 256  # a split below this many keys costs more in the reduction than it saves
+MAX_SPLITS = 32
+
+SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp(-2|x|): exact at the tails, no cancellation near 0; works in the interpreter.
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def _attend_tile(
+    acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+    qk_scale, window, softcap,
+    s_ckv, s_cb, s_cs, s_ch, s_cd,
+    HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One online-softmax step over keys ``[tile * TILE_N, (tile + 1) * TILE_N) ∩ [0, key_end)``."""
+    offs_n = tile * TILE_N + tl.arange(0, TILE_N)
+    offs_d = tl.arange(0, HEAD_PAD)
+    key_ok = offs_n < key_end
+    # Block ids only for keys in range: never reads table entries past the sequence's last block.
+    block = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    kv_off = (block * s_cb + (offs_n % BLOCK_SIZE) * s_cs)[:, None] + kvh * s_ch + offs_d[None, :] * s_cd
+    kv_mask = key_ok[:, None] & (offs_d < HEAD)[None, :]
+    k = tl.load(cache_ptr + kv_off, mask=kv_mask, other=0.0)
+    v = tl.load(cache_ptr + s_ckv + kv_off, mask=kv_mask, other=0.0)
+    if DOT_FP32:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k.to(q.dtype)))
+    s = s * qk_scale
+    if USE_ALIBI:
+        s += slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
+    if USE_SOFTCAP:
+        s = softcap * _tanh(s / softcap)
+    visible = row_valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
+    alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_FP32:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _store_result(
+    acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, split,
+    num_tokens, s_ot, s_oh, s_od,
+    NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """Normalised rows into ``out`` (one split), or the partial (max, sum, acc) of this split."""
+    offs_d = tl.arange(0, HEAD_PAD)
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        mask = row_valid[:, None] & (offs_d < HEAD)[None, :]
+        dst = out_ptr + tok[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
+        tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        row = (split * num_tokens + tok) * NUM_HEADS + head  # tok is int64
+        tl.store(part_m_ptr + row, m_i, mask=row_valid)
+        tl.store(part_l_ptr + row, l_i, mask=row_valid)
+        tl.store(part_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_valid[:, None])
+
+
+@triton.jit
+def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
+    """The last sequence ``s`` with ``query_start_loc[s] // BLOCK_Q + s <= q_block``."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_block <= q_block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, out_ptr, cache_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
+    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    num_seqs, num_tokens, scale, window, softcap,
+    s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_ckv, s_cb, s_cs, s_ch, s_cd, s_bt,
+    G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    head = kvh * G + offs_m % G
+    in_tile = offs_m < BLOCK_Q * G
+
+    if NUM_SPLITS == 1:
+        # Padding tokens (>= query_start_loc[-1]) belong to no query block: the programs whose
+        # token range [q_block * BLOCK_Q, +BLOCK_Q) holds them write their zeros.
+        tok = q_block * BLOCK_Q + offs_m // G
+        pad = in_tile & (tok >= tl.load(query_start_loc_ptr + num_seqs)) & (tok < num_tokens)
+        dst = out_ptr + tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
+        zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
+        tl.store(dst, zeros, mask=pad[:, None] & (offs_d < HEAD)[None, :])
+
+    seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    local = q_block - (q_start // BLOCK_Q + seq)  # this program's query block within the sequence
+    if local * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context = seq_len - q_len
+    q_local = local * BLOCK_Q + offs_m // G
+    row_valid = in_tile & (q_local < q_len)
+    q_pos = context + q_local  # absolute position: sees keys 0..q_pos
+    tok = (q_start + q_local).to(tl.int64)
+
+    q_mask = row_valid[:, None] & (offs_d < HEAD)[None, :]
+    q = tl.load(q_ptr + tok[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = scale
+    if IS_FP8:
+        qk_scale = scale * tl.load(k_scale_ptr).to(tl.float32)
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
+
+    key_end = context + tl.minimum((local + 1) * BLOCK_Q, q_len)  # last query's position + 1
+    key_start = 0
+    if USE_WINDOW:
+        key_start = tl.maximum(context + local * BLOCK_Q - window + 1, 0)
+    first_tile = key_start // TILE_N
+    last_tile = tl.cdiv(key_end, TILE_N)
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(last_tile - first_tile, NUM_SPLITS)
+        first_tile = first_tile + split * per_split
+        last_tile = tl.minimum(first_tile + per_split, last_tile)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    bt_row_ptr = block_table_ptr + seq.to(tl.int64) * s_bt
+    for tile in range(first_tile, last_tile):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+        )
+    if IS_FP8:
+        acc = acc * tl.load(v_scale_ptr).to(tl.float32)
+    _store_result(
+        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, split,
+        num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
+    )
+
+
+@triton.jit
+def _reduce_splits_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
+    num_seqs, num_tokens, s_ot, s_oh, s_od,
+    NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, VALID_FROM_SEQ_LENS: tl.constexpr,
+):
+    """out[t, h] = Σ_s exp(m_s - m) acc_s / Σ_s exp(m_s - m) l_s; zeros for padding tokens."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    if VALID_FROM_SEQ_LENS:  # store_and_decode: token t is sequence t; padding has seq_len 0
+        valid = tl.load(seq_lens_ptr + t) > 0
+    else:
+        valid = t < tl.load(query_start_loc_ptr + num_seqs)
+    s_mask = (offs_s < NUM_SPLITS) & valid
+    row = (offs_s.to(tl.int64) * num_tokens + t) * NUM_HEADS + h
+    m_s = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
+    acc_s = tl.load(part_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    m = tl.max(m_s, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2((m_s - m) * 1.4426950408889634)
+    l_total = tl.sum(w * l_s, axis=0)
+    o = tl.sum(w[:, None] * acc_s, axis=0) / tl.where(l_total == 0.0, 1.0, l_total)
+    dst = out_ptr + t.to(tl.int64) * s_ot + h * s_oh + offs_d * s_od
+    tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD)
+
+
+# ---- host side: static shapes only ----------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (host property, no sync); 1 for CPU (interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def choose_num_splits(
+    *, num_query_blocks: int, num_kv_heads: int, max_context: int, max_query_len: int, num_sms: int,
+) -> int:
+    """Flash-decoding split count from static shapes: enough programs to fill the GPU, no split
+    shorter than ``SPLIT_MIN_KEYS``; 1 for prefill-like buckets."""
+    if max_query_len > SPLIT_MAX_QUERY_LEN:
+        return 1
+    wanted = math.ceil(SPLIT_TARGET_PROGRAMS_PER_SM * num_sms / max(num_query_blocks * num_kv_heads, 1))
+    longest = max(math.ceil(max_context / SPLIT_MIN_KEYS), 1)
+    return max(1, min(wanted, longest, MAX_SPLITS))
+
+
+def tile_config(
+    *, num_queries_per_kv: int, head_size: int, max_query_len: int, interpret: bool,
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_Q, TILE_N, num_warps) for a static shape."""
+    group_pad = _jit.next_power_of_2(num_queries_per_kv)
+    if max_query_len <= SPLIT_MAX_QUERY_LEN:
+        block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(num_queries_per_kv * max(max_query_len, 1)))
+        block_m = min(block_m, max(PREFILL_BLOCK_M, group_pad))
+        num_warps = DECODE_NUM_WARPS
+    else:
+        block_m = max(PREFILL_BLOCK_M, group_pad)
+        num_warps = PREFILL_NUM_WARPS
+    if interpret:
+        tile_n = TILE_N_INTERPRETER
+    else:
+        tile_n = TILE_N_GPU if head_size <= 128 else TILE_N_GPU_LARGE_HEAD
+    return block_m, block_m // num_queries_per_kv, tile_n, num_warps
+
+
+def check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out) -> None:
+    """Static (shape/dtype) checks whose errors name the fix; free under torch.compile."""
+    if q.dim() != 3 or out.shape != q.shape:
+        raise ValueError(f"q and out must both be [num_tokens, num_heads, head_size]; got {tuple(q.shape)}, {tuple(out.shape)}")
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[4] != q.shape[2]:
+        raise ValueError(f"kv_cache must be [2, num_blocks, block_size, kv_heads, {q.shape[2]}], got {tuple(kv_cache.shape)}")
+    heads, kv_heads, head_size, block_size = q.shape[1], kv_cache.shape[3], q.shape[2], kv_cache.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"num_heads ({heads}) must be a multiple of the cache's kv_heads ({kv_heads})")
+    if head_size not in SUPPORTED_HEAD_SIZES:
+        raise ValueError(f"head_size {head_size} is not supported by the triton kernels "
+                         f"(supported: {', '.join(map(str, SUPPORTED_HEAD_SIZES))}); use backend='torch_native'")
+    if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise ValueError(f"block_size {block_size} is not supported by the triton kernels "
+                         f"(powers of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE})")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or out.dtype != q.dtype:
+        raise ValueError(f"q and out must share one of float16, bfloat16, float32; got {q.dtype}, {out.dtype}")
+    if kv_cache.dtype not in (q.dtype, torch.float8_e4m3fn):
+        raise ValueError(f"kv_cache dtype {kv_cache.dtype} must be q's dtype ({q.dtype}) or torch.float8_e4m3fn")
+    for name, t in (("query_start_loc", query_start_loc), ("seq_lens", seq_lens), ("block_table", block_table)):
+        if t.dtype != torch.int32:
+            raise ValueError(f"{name} must be int32, got {t.dtype}")
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1 or block_table.shape[0] != seq_lens.shape[0]:
+        raise ValueError("query_start_loc [B+1], seq_lens [B] and block_table [B, max_blocks] disagree on B")
+    if block_table.stride(1) != 1:
+        raise ValueError("block_table rows must be contiguous; pass block_table.contiguous()")
+
+
+def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, max_query_len, scale,
+                 sliding_window, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n):
+    """Grids, arguments and scratch buffers of the attention (+ reduction) launches."""
+    num_tokens, num_heads, head_size = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    group = num_heads // kv_heads
+    interpret = _jit.interpreting() or q.device.type != "cuda"
+    block_m, block_q, default_tile_n, num_warps = tile_config(
+        num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret)
+    tile_n = tile_n or default_tile_n
+    num_q_blocks = num_tokens // block_q + num_seqs
+    if not num_splits:
+        busy_blocks = num_seqs * max(1, math.ceil(max_query_len / block_q))
+        num_splits = choose_num_splits(
+            num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
+            max_query_len=max_query_len, num_sms=num_sms(q.device))
+    head_pad = _jit.next_power_of_2(head_size)
+    if num_splits > 1:
+        part_acc = torch.empty(num_splits, num_tokens, num_heads, head_pad, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = k_scale  # never read with one split
+    attn_args = (
+        q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
+        alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,
+        num_seqs, num_tokens, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
+        *q.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
+    )
+    attn_constexprs = dict(
+        G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
+        IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, DOT_FP32=interpret or q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=NUM_STAGES,
+    )
+    attn_grid = (num_q_blocks, kv_heads, num_splits)
+    reduce_launch = None
+    if num_splits > 1:
+        reduce_args = (part_acc, part_m, part_l, out, query_start_loc, seq_lens, num_seqs, num_tokens, *out.stride())
+        reduce_constexprs = dict(
+            NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+            SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=False, num_warps=4,
+        )
+        reduce_launch = ((num_tokens, num_heads), reduce_args, reduce_constexprs)
+    return (attn_grid, attn_args, attn_constexprs), reduce_launch
+
+
+def paged_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    max_query_len: int,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    num_splits: int | None = None,
+    tile_n: int | None = None,
+) -> torch.Tensor:
+    """Causal attention of every new token over its sequence's paged context; writes ``out``.
+
+    q/out ``[T, H, D]`` (fp16/bf16/fp32), kv_cache ``[2, num_blocks, block_size, KVH, D]`` (q's
+    dtype or float8_e4m3fn with float32 scalar ``k_scale``/``v_scale``), query_start_loc
+    ``[B+1]``, seq_lens ``[B]``, block_table ``[B, max_blocks]`` (int32). ``max_query_len`` is the
+    static bound from the bucket. The new tokens' K/V must already be in the cache (store_kv).
+    Padding tokens (index >= ``query_start_loc[-1]``) get zeros. ``num_splits``/``tile_n``
+    override the static heuristics (tests, benchmarks). No host synchronisation.
+
+    Equivalent PyTorch code: :func:`paged_attention_reference`.
+    """
+    check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
+    if q.shape[0] == 0 or seq_lens.shape[0] == 0:
+        return out.zero_()
+    _jit.refresh(globals())
+    attn, reduce = _launch_plan(
+        q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
+        k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=tile_n)
+    grid, args, constexprs = attn
+    _paged_attention_kernel[grid](*args, **constexprs)
+    if reduce is not None:
+        grid, args, constexprs = reduce
+        _reduce_splits_kernel[grid](*args, **constexprs)
+    return out
+
+
+def paged_attention_reference(
+    q, kv_cache, query_start_loc, seq_lens, block_table, out=None, *, max_query_len, scale,
+    sliding_window=None, logits_soft_cap=None, alibi_slopes=None, k_scale, v_scale, **_ignored,
+) -> torch.Tensor:
+    """The same result from the reference backend's PyTorch code (fp32 math, output in q's dtype)."""
+    from ..backends.reference import reference_attention
+    from ..metadata import AttentionMetadata
+
+    slots = torch.full((q.shape[0],), -1, dtype=torch.int64, device=q.device)
+    meta = AttentionMetadata(query_start_loc, seq_lens, block_table, slots, max_query_len)
+    result = reference_attention(
+        q, kv_cache, meta, scale=scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale).to(q.dtype)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
+
+
+# ---- op registration (see store_kv.py for the CUDA / interpreter split) ---------------------
+
+
+@torch.library.custom_op("compiled_attn::_triton_paged_attention_opaque", mutates_args=("out",))
+def _paged_attention_opaque(
+    q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, out: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    alibi_slopes: torch.Tensor | None, scale: float, sliding_window: int, logits_soft_cap: float,
+    max_query_len: int, num_splits: int,
+) -> None:
+    paged_attention(
+        q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
+        k_scale=k_scale, v_scale=v_scale, num_splits=num_splits)
+
+
+@_paged_attention_opaque.register_fake
+def _(q, kv_cache, query_start_loc, seq_lens, block_table, out, k_scale, v_scale, alibi_slopes, scale,
+      sliding_window, logits_soft_cap, max_query_len, num_splits) -> None:
+    return None
+
+
+@torch.library.triton_op("compiled_attn::triton_paged_attention", mutates_args=("out",))
+def triton_paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, out: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+    alibi_slopes: torch.Tensor | None, scale: float, sliding_window: int, logits_soft_cap: float,
+    max_query_len: int, num_splits: int,
+) -> None:
+    """``torch.ops.compiled_attn.triton_paged_attention``: :func:`paged_attention` as an operator
+    (0 = no window / no soft-cap / automatic split count)."""
+    check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
+    if q.device.type != "cuda" or q.shape[0] == 0 or seq_lens.shape[0] == 0:
+        torch.ops.compiled_attn._triton_paged_attention_opaque(
+            q, kv_cache, query_start_loc, seq_lens, block_table, out, k_scale, v_scale, alibi_slopes, scale,
+            sliding_window, logits_soft_cap, max_query_len, num_splits)
+        return
+    _jit.refresh(globals())
+    attn, reduce = _launch_plan(
+        q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
+        sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
+        k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=None)
+    grid, args, constexprs = attn
+    torch.library.wrap_triton(_paged_attention_kernel)[grid](*args, **constexprs)
+    if reduce is not None:
+        grid, args, constexprs = reduce
+        torch.library.wrap_triton(_reduce_splits_kernel)[grid](*args, **constexprs)

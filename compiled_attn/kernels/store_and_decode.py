@@ -1,0 +1,298 @@
+"""store_and_decode: one kernel stores each decode token's K/V and computes its attention
+(TensorRT-LLM style: the cache append fused into the decode kernel).
+
+Decode only: one new token per sequence, token ``b`` is sequence ``b`` (T == B), at position
+``seq_lens[b] - 1``. Grid ``(B, num_kv_heads, num_splits)``; a program's tile is the ``G`` query
+heads of one KV head (GQA). The program of split 0 stores the token's K/V (quantised for fp8)
+and seeds its softmax with the new key straight from registers; every program reads only
+positions ``< seq_len - 1`` from the cache, so no program waits for the store. With more than
+one split, :func:`~compiled_attn.kernels.paged_attention._reduce_splits_kernel` combines the
+partials (a second launch). Padding sequences (``seq_len == 0``) store nothing and get zeros.
+
+Exposed as ``torch.ops.compiled_attn.store_and_decode`` — one schema, so another implementation
+(a fused CUDA kernel) can be registered behind it for a device with ``register_kernel``.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _jit
+from .paged_attention import (
+    DECODE_BLOCK_M,
+    DECODE_NUM_WARPS,
+    NUM_STAGES,
+    _attend_tile,
+    _reduce_splits_kernel,
+    _store_result,
+    _tanh,
+    check_attention_args,
+    choose_num_splits,
+    num_sms,
+    tile_config,
+)
+from .store_kv import FP8_E4M3_MAX, _round_to_e4m3, check_store_args
+
+
+@triton.jit
+def _store_and_decode_kernel(
+    q_ptr, k_ptr, v_ptr, cache_ptr, seq_lens_ptr, block_table_ptr, slot_ptr, out_ptr,
+    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    num_tokens, scale, window, softcap,
+    s_qt, s_qh, s_qd, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd, s_ot, s_oh, s_od,
+    s_ckv, s_cb, s_cs, s_ch, s_cd, s_bt,
+    G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    d_ok = offs_d < HEAD
+    head = kvh * G + offs_m
+    row_valid = offs_m < G
+    seq_len = tl.load(seq_lens_ptr + b)
+    if seq_len <= 0:
+        if NUM_SPLITS == 1:
+            dst = out_ptr + b * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
+            zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
+            tl.store(dst, zeros, mask=row_valid[:, None] & d_ok[None, :])
+        return
+
+    # The new token's K/V as the cache will hold them.
+    k_new = tl.load(k_ptr + b * s_kt + kvh * s_kh + offs_d * s_kd, mask=d_ok, other=0.0)
+    v_new = tl.load(v_ptr + b * s_vt + kvh * s_vh + offs_d * s_vd, mask=d_ok, other=0.0)
+    if IS_FP8:
+        k_new = tl.math.div_rn(k_new.to(tl.float32), tl.load(k_scale_ptr).to(tl.float32))
+        v_new = tl.math.div_rn(v_new.to(tl.float32), tl.load(v_scale_ptr).to(tl.float32))
+        k_new = tl.minimum(tl.maximum(k_new, -FP8_MAX), FP8_MAX)
+        v_new = tl.minimum(tl.maximum(v_new, -FP8_MAX), FP8_MAX)
+        if ROUND_FP8:  # interpreter: see store_kv._round_to_e4m3
+            k_new = _round_to_e4m3(k_new)
+            v_new = _round_to_e4m3(v_new)
+    k_new = k_new.to(cache_ptr.dtype.element_ty)
+    v_new = v_new.to(cache_ptr.dtype.element_ty)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    if (split == 0) & (slot >= 0):
+        dst = cache_ptr + (slot // BLOCK_SIZE) * s_cb + (slot % BLOCK_SIZE) * s_cs + kvh * s_ch + offs_d * s_cd
+        tl.store(dst, k_new, mask=d_ok)
+        tl.store(dst + s_ckv, v_new, mask=d_ok)
+
+    q = tl.load(q_ptr + b * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=row_valid[:, None] & d_ok[None, :], other=0.0)
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    qk_scale = scale
+    if IS_FP8:
+        qk_scale = scale * tl.load(k_scale_ptr).to(tl.float32)
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
+
+    # Split 0 starts from the new key (position pos, ALiBi bias 0, always visible).
+    pos = seq_len - 1
+    s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
+    if USE_SOFTCAP:
+        s_new = softcap * _tanh(s_new / softcap)
+    seeded = row_valid & (split == 0)
+    m_i = tl.where(seeded, s_new, float("-inf"))
+    l_i = tl.where(seeded, 1.0, 0.0)
+    acc = tl.where(seeded[:, None], v_new.to(tl.float32)[None, :], 0.0)
+
+    # Cached keys [key_start, pos), split evenly by tiles.
+    key_start = 0
+    if USE_WINDOW:
+        key_start = tl.maximum(pos - window + 1, 0)
+    first_tile = key_start // TILE_N
+    last_tile = tl.cdiv(pos, TILE_N)
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tl.maximum(last_tile - first_tile, 0), NUM_SPLITS)
+        first_tile = first_tile + split * per_split
+        last_tile = tl.minimum(first_tile + per_split, last_tile)
+    q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + pos
+    bt_row_ptr = block_table_ptr + b * s_bt
+    for tile in range(first_tile, last_tile):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, pos, q_pos, row_valid, slopes,
+            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+        )
+    if IS_FP8:
+        acc = acc * tl.load(v_scale_ptr).to(tl.float32)
+    tok = tl.full([BLOCK_M], 0, dtype=tl.int64) + b
+    _store_result(
+        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, split,
+        num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
+    )
+
+
+def _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out) -> None:
+    query_start_loc = seq_lens.new_empty(seq_lens.shape[0] + 1)  # shape-only stand-in for the checks
+    check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
+    check_store_args(k, v, kv_cache, slot_mapping)
+    if q.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"store_and_decode takes one token per sequence: q has {q.shape[0]} tokens for "
+                         f"{seq_lens.shape[0]} sequences; use paged_attention for prefill or spec-decode")
+
+
+def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *, scale, sliding_window,
+                 logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n):
+    num_seqs, num_heads, head_size = q.shape
+    _, _, block_size, kv_heads, _ = kv_cache.shape
+    group = num_heads // kv_heads
+    interpret = _jit.interpreting() or q.device.type != "cuda"
+    _, _, default_tile_n, _ = tile_config(num_queries_per_kv=group, head_size=head_size, max_query_len=1,
+                                          interpret=interpret)
+    tile_n = tile_n or default_tile_n
+    if not num_splits:
+        num_splits = choose_num_splits(
+            num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
+            max_query_len=1, num_sms=num_sms(q.device))
+    head_pad = _jit.next_power_of_2(head_size)
+    if num_splits > 1:
+        part_acc = torch.empty(num_splits, num_seqs, num_heads, head_pad, dtype=torch.float32, device=q.device)
+        part_m = torch.empty(num_splits, num_seqs, num_heads, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = k_scale  # never read with one split
+    args = (
+        q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
+        alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,
+        num_seqs, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
+    )
+    constexprs = dict(
+        G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
+        BLOCK_M=max(DECODE_BLOCK_M, _jit.next_power_of_2(group)), TILE_N=tile_n, NUM_SPLITS=num_splits,
+        USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
+        IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
+        DOT_FP32=interpret or q.dtype == torch.float32, num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES,
+    )
+    reduce_launch = None
+    if num_splits > 1:
+        dummy_starts = seq_lens  # not read: validity comes from seq_lens
+        reduce_args = (part_acc, part_m, part_l, out, dummy_starts, seq_lens, num_seqs, num_seqs, *out.stride())
+        reduce_constexprs = dict(
+            NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+            SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=True, num_warps=4,
+        )
+        reduce_launch = ((num_seqs, num_heads), reduce_args, reduce_constexprs)
+    return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
+
+
+def store_and_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    logits_soft_cap: float | None = None,
+    alibi_slopes: torch.Tensor | None = None,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    num_splits: int | None = None,
+    tile_n: int | None = None,
+) -> torch.Tensor:
+    """Store one decode token per sequence and write its attention into ``out``.
+
+    q/out ``[B, H, D]``, k/v ``[B, KVH, D]``, kv_cache ``[2, num_blocks, block_size, KVH, D]``,
+    seq_lens ``[B]`` int32 (context including the new token; 0 = padding), block_table
+    ``[B, max_blocks]`` int32, slot_mapping ``[B]`` int64 (the new token's slot, -1 = don't store).
+
+    Equivalent PyTorch code: :func:`store_and_decode_reference`.
+    """
+    _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out)
+    if q.shape[0] == 0:
+        return out
+    _jit.refresh(globals())
+    attn, reduce = _launch_plan(
+        q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, scale=scale, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+        num_splits=num_splits, tile_n=tile_n)
+    grid, args, constexprs = attn
+    _store_and_decode_kernel[grid](*args, **constexprs)
+    if reduce is not None:
+        grid, args, constexprs = reduce
+        _reduce_splits_kernel[grid](*args, **constexprs)
+    return out
+
+
+def store_and_decode_reference(
+    q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out=None, *, scale, sliding_window=None,
+    logits_soft_cap=None, alibi_slopes=None, k_scale, v_scale, **_ignored,
+) -> torch.Tensor:
+    """store_kv, then the reference backend's attention with one query per sequence."""
+    from ..backends.paged_torch import store_kv as torch_store_kv
+    from ..backends.reference import reference_attention
+    from ..metadata import AttentionMetadata
+
+    torch_store_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+    num_seqs = seq_lens.shape[0]
+    starts = torch.arange(num_seqs + 1, dtype=torch.int32, device=q.device)
+    meta = AttentionMetadata(starts, seq_lens, block_table, slot_mapping, 1)
+    result = reference_attention(
+        q, kv_cache, meta, scale=scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+        alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale).to(q.dtype)
+    if out is not None:
+        out.copy_(result)
+        return out
+    return result
+
+
+# ---- op registration (see store_kv.py for the CUDA / interpreter split) ---------------------
+
+
+@torch.library.custom_op("compiled_attn::_triton_store_and_decode_opaque", mutates_args=("kv_cache", "out"))
+def _store_and_decode_opaque(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, slot_mapping: torch.Tensor, out: torch.Tensor, k_scale: torch.Tensor,
+    v_scale: torch.Tensor, alibi_slopes: torch.Tensor | None, scale: float, sliding_window: int,
+    logits_soft_cap: float,
+) -> None:
+    store_and_decode(
+        q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, scale=scale, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale)
+
+
+@_store_and_decode_opaque.register_fake
+def _(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale, alibi_slopes, scale,
+      sliding_window, logits_soft_cap) -> None:
+    return None
+
+
+@torch.library.triton_op("compiled_attn::store_and_decode", mutates_args=("kv_cache", "out"))
+def store_and_decode_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, slot_mapping: torch.Tensor, out: torch.Tensor, k_scale: torch.Tensor,
+    v_scale: torch.Tensor, alibi_slopes: torch.Tensor | None, scale: float, sliding_window: int,
+    logits_soft_cap: float,
+) -> None:
+    """``torch.ops.compiled_attn.store_and_decode`` (0 = no window / no soft-cap)."""
+    _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out)
+    if q.device.type != "cuda" or q.shape[0] == 0:
+        torch.ops.compiled_attn._triton_store_and_decode_opaque(
+            q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale, alibi_slopes, scale,
+            sliding_window, logits_soft_cap)
+        return
+    _jit.refresh(globals())
+    attn, reduce = _launch_plan(
+        q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, scale=scale, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+        num_splits=None, tile_n=None)
+    grid, args, constexprs = attn
+    torch.library.wrap_triton(_store_and_decode_kernel)[grid](*args, **constexprs)
+    if reduce is not None:
+        grid, args, constexprs = reduce
+        torch.library.wrap_triton(_reduce_splits_kernel)[grid](*args, **constexprs)
