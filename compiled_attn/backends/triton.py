@@ -58,7 +58,8 @@ class TritonBackend(AttentionBackend):
                 k_scale, v_scale) -> None:
         if q.device.type == "cpu" and not _interpreting():
             raise RuntimeError(f"backend 'triton' on CPU {_NOT_INTERPRETING}")
-        from ..kernels import paged_attention, store_kv
+        from ..kernels.paged_attention import paged_attention
+        from ..kernels.store_kv import store_kv
 
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         paged_attention(

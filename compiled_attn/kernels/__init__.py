@@ -1,9 +1,9 @@
 """Triton kernels over the paged KV cache (needs the ``triton`` package).
 
-- :func:`store_kv` — write new K/V through ``slot_mapping`` (fp8 quantisation included).
-- :func:`paged_attention` — unified prefill / prefix-prefill / decode / spec-decode attention of a
+- ``store_kv.store_kv`` — write new K/V through ``slot_mapping`` (fp8 quantisation included).
+- ``paged_attention.paged_attention`` — unified prefill / prefix-prefill / decode / spec-decode attention of a
   flattened mixed batch, with split-KV (flash-decoding) for decode buckets.
-- :func:`store_and_decode` — the store fused into a decode kernel.
+- ``store_and_decode.store_and_decode`` — the store fused into a decode kernel.
 
 Each has a ``*_reference`` twin in plain PyTorch, and an operator:
 ``torch.ops.compiled_attn.triton_store_kv``, ``.triton_paged_attention`` and ``.store_and_decode``
@@ -11,15 +11,8 @@ Each has a ``*_reference`` twin in plain PyTorch, and an operator:
 On CPU the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, read at launch time).
 """
 
-from .paged_attention import paged_attention, paged_attention_reference
-from .store_and_decode import store_and_decode, store_and_decode_reference
-from .store_kv import store_kv, store_kv_reference
+# Submodules, not their functions: ``kernels.paged_attention.paged_attention`` etc. (re-exporting
+# the functions under the modules' names would hide the modules).
+from . import paged_attention, store_and_decode, store_kv
 
-__all__ = [
-    "paged_attention",
-    "paged_attention_reference",
-    "store_and_decode",
-    "store_and_decode_reference",
-    "store_kv",
-    "store_kv_reference",
-]
+__all__ = ["paged_attention", "store_and_decode", "store_kv"]

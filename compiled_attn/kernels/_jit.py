@@ -1,15 +1,20 @@
 """Interpreter/compiler switching for our Triton kernels.
 
 ``triton.jit`` decides at decoration time whether a function is compiled or interpreted
-(``TRITON_INTERPRET``), so a module imported before the variable was set would hold compiled
-kernels that cannot run on CPU. Every launcher calls :func:`refresh` first: it swaps the module's
-kernels (and the helpers they call, looked up by global name at run time) for the twin that
-matches the environment *now*. Twins are cached, so compiled kernels keep their compile cache.
+(``TRITON_INTERPRET``), so a module imported before the variable was set holds compiled kernels
+that cannot run on CPU — and so does Triton's own standard library (``tl.zeros``, ``tl.sum``,
+``tl.cdiv`` … are ``@jit`` functions). Every launcher enters :func:`launching` first: it swaps
+the module's kernels (and the helpers they call, looked up by global name at run time) for the
+twin that matches the environment *now*, and while interpreting also swaps the standard
+library's functions, restoring them on exit so nobody else's compiled kernels see them. Twins
+are cached, so compiled kernels keep their compile cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import triton
 from triton.runtime.interpreter import InterpretedFunction
@@ -39,6 +44,28 @@ def refresh(namespace: dict) -> None:
             _TWINS.setdefault((obj.fn, mode), obj)
             if mode != interpret:
                 namespace[name] = _twin(obj.fn, interpret)
+
+
+@contextlib.contextmanager
+def launching(namespace: dict):
+    """Launch kernels from ``namespace`` (a module's globals) in the mode the environment asks for."""
+    refresh(namespace)
+    if not interpreting():
+        yield
+        return
+    swapped = []
+    for module_name, module in list(sys.modules.items()):
+        if module is None or not (module_name == "triton.language" or module_name.startswith("triton.language.")):
+            continue
+        for name, obj in list(vars(module).items()):
+            if isinstance(obj, JITFunction):
+                setattr(module, name, _twin(obj.fn, True))
+                swapped.append((module, name, obj))
+    try:
+        yield
+    finally:
+        for module, name, obj in swapped:
+            setattr(module, name, obj)
 
 
 def next_power_of_2(n: int) -> int:

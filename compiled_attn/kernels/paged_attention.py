@@ -406,16 +406,16 @@ def paged_attention(
     check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return out.zero_()
-    _jit.refresh(globals())
     attn, reduce = _launch_plan(
         q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
         k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=tile_n)
-    grid, args, constexprs = attn
-    _paged_attention_kernel[grid](*args, **constexprs)
-    if reduce is not None:
-        grid, args, constexprs = reduce
-        _reduce_splits_kernel[grid](*args, **constexprs)
+    with _jit.launching(globals()):
+        grid, args, constexprs = attn
+        _paged_attention_kernel[grid](*args, **constexprs)
+        if reduce is not None:
+            grid, args, constexprs = reduce
+            _reduce_splits_kernel[grid](*args, **constexprs)
     return out
 
 

@@ -216,16 +216,16 @@ def store_and_decode(
     _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out)
     if q.shape[0] == 0:
         return out
-    _jit.refresh(globals())
     attn, reduce = _launch_plan(
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, scale=scale, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
         num_splits=num_splits, tile_n=tile_n)
-    grid, args, constexprs = attn
-    _store_and_decode_kernel[grid](*args, **constexprs)
-    if reduce is not None:
-        grid, args, constexprs = reduce
-        _reduce_splits_kernel[grid](*args, **constexprs)
+    with _jit.launching(globals()):
+        grid, args, constexprs = attn
+        _store_and_decode_kernel[grid](*args, **constexprs)
+        if reduce is not None:
+            grid, args, constexprs = reduce
+            _reduce_splits_kernel[grid](*args, **constexprs)
     return out
 
 

@@ -120,9 +120,9 @@ def store_kv(
     check_store_args(k, v, kv_cache, slot_mapping)
     if k.shape[0] == 0:
         return
-    _jit.refresh(globals())
     grid, args, constexprs = _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale)
-    _store_kv_kernel[grid](*args, **constexprs)
+    with _jit.launching(globals()):
+        _store_kv_kernel[grid](*args, **constexprs)
 
 
 def store_kv_reference(k, v, kv_cache, slot_mapping, k_scale, v_scale) -> None:

@@ -1,0 +1,648 @@
+"""The Triton kernels (compiled_attn.kernels) against their references and the reference backend.
+
+CPU: every test runs the kernels under the Triton interpreter. The ``interpreter`` fixture sets
+``TRITON_INTERPRET=1`` per test; the launchers read it at launch time and swap in interpreted
+kernels, so it does not matter which test file imported Triton or the kernels first. Shapes are
+tiny (the interpreter costs milliseconds per program and key tile).
+
+GPU: ``python3 -m pytest tests/test_triton_kernels.py -m gpu`` runs the compiled kernels over a
+grid of dtypes, head sizes, GQA ratios, block sizes, features and batches up to 256 sequences
+and 32k context (skipped without CUDA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import compiled_attn as ca  # noqa: E402
+from compiled_attn import AttentionMetadata, ops  # noqa: E402
+from compiled_attn.backends import BACKENDS, PRIORITY, select_backend  # noqa: E402
+from compiled_attn.backends.reference import reference_attention  # noqa: E402
+from compiled_attn.kernels import paged_attention as pa_mod  # noqa: E402
+from compiled_attn.kernels import store_and_decode as sd_mod  # noqa: E402
+from compiled_attn.kernels import store_kv as sk_mod  # noqa: E402
+from batches import BATCH_SPECS, POISON, TOLERANCE, make_batch, rel_error  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def compiled(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+# ---- random paged batches ---------------------------------------------------------------------
+
+# (query_lens, seq_lens) — seq_len counts the cached context plus the new tokens.
+BATCHES: dict[str, tuple[list[int], list[int]]] = {
+    "decode": ([1, 1, 1], [5, 17, 40]),
+    "prefill": ([12], [12]),
+    "spec_decode": ([3, 2], [30, 11]),
+    # prefix-prefill, decode, spec-decode, a prefill that fits one block
+    "mixed": ([6, 1, 3, 4], [22, 37, 9, 4]),
+}
+
+
+@dataclasses.dataclass
+class Paged:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    kv_cache: torch.Tensor
+    meta: AttentionMetadata
+    used_blocks: torch.Tensor  # bool [num_blocks]
+    num_real_tokens: int
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    alibi_slopes: torch.Tensor | None
+
+
+def make_paged(
+    query_lens, seq_lens, *, heads, kv_heads, head_size, block_size, dtype, fp8=False, alibi=False,
+    pad_tokens=2, pad_seqs=1, max_query_len=None, device="cpu", seed=0,
+) -> Paged:
+    """Random q/k/v and a paged cache (permuted blocks); unused blocks, block-table padding (a trap
+    block) and cache slots past each sequence's end hold POISON; the new tokens' slots hold noise."""
+    g = torch.Generator().manual_seed(seed)
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    needed = [math.ceil(n / block_size) for n in seq_lens]
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    trap = order.pop()  # block-table padding points here: reading it would show
+    tables, used = [], torch.zeros(num_blocks, dtype=torch.bool)
+    for n in needed:
+        tables.append(order[:n])
+        used[order[:n]] = True
+        order = order[n:]
+    k_scale, v_scale = (0.5, 2.0) if fp8 else (1.0, 1.0)
+    cache = torch.full((2, num_blocks, block_size, kv_heads, head_size), POISON)
+    for blocks, n, q_len in zip(tables, seq_lens, query_lens):
+        dense = torch.randn(2, len(blocks) * block_size, kv_heads, head_size, generator=g)
+        dense[0] /= k_scale
+        dense[1] /= v_scale
+        dense[:, n:] = POISON
+        cache[:, blocks] = dense.view(2, len(blocks), block_size, kv_heads, head_size)
+    total = sum(query_lens)
+    num_tokens = total + pad_tokens
+    meta = AttentionMetadata.build(
+        query_lens, seq_lens, tables, block_size, num_tokens=num_tokens, num_seqs=len(seq_lens) + pad_seqs,
+        max_query_len=max_query_len, num_blocks=num_blocks)
+    table = meta.block_table.clone()
+    for s, blocks in enumerate(tables):
+        table[s, len(blocks):] = trap
+    table[len(tables):] = trap
+    meta = dataclasses.replace(meta, block_table=table).to(device)
+    q = torch.randn(num_tokens, heads, head_size, generator=g)
+    k = torch.randn(num_tokens, kv_heads, head_size, generator=g)
+    v = torch.randn(num_tokens, kv_heads, head_size, generator=g)
+    slopes = None
+    if alibi:
+        slopes = torch.tensor([2.0 ** (-8 * (h + 1) / heads) for h in range(heads)], device=device)
+    return Paged(
+        q=q.to(dtype).to(device), k=k.to(dtype).to(device), v=v.to(dtype).to(device),
+        kv_cache=cache.to(cache_dtype).to(device), meta=meta, used_blocks=used.to(device), num_real_tokens=total,
+        k_scale=torch.tensor(k_scale, device=device), v_scale=torch.tensor(v_scale, device=device),
+        alibi_slopes=slopes,
+    )
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def fp8_ulps(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Largest distance in e4m3 steps (same sign: the bit patterns are monotonic in magnitude)."""
+    ai, bi = a.view(torch.uint8).int(), b.view(torch.uint8).int()
+    return int((ai - bi).abs().max()) if ai.numel() else 0
+
+
+def assert_cache_matches(cache, ref_cache, used_blocks, before):
+    if cache.dtype == torch.float8_e4m3fn:
+        # The GPU's fp32 -> fp8 conversion may round a value differently from torch: 1 step.
+        assert fp8_ulps(cache, ref_cache) <= 1, "fp8 cache must match the reference within 1 ulp"
+    else:
+        assert same_bits(cache, ref_cache), "cache must equal the reference bit for bit"
+    assert same_bits(cache[:, ~used_blocks], before[:, ~used_blocks]), "unused blocks must stay untouched"
+
+
+# ---- store_kv -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,fp8", [(torch.float32, False), (torch.float16, False), (torch.float16, True)])
+def test_store_kv_matches_reference(interpreter, dtype, fp8):
+    b = make_paged(*BATCHES["mixed"], heads=4, kv_heads=2, head_size=80, block_size=16, dtype=dtype, fp8=fp8)
+    ref = b.kv_cache.clone()
+    sk_mod.store_kv_reference(b.k, b.v, ref, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    cache = b.kv_cache.clone()
+    sk_mod.store_kv(b.k, b.v, cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    assert same_bits(cache, ref)  # the interpreter path rounds fp8 exactly like torch
+    assert same_bits(cache[:, ~b.used_blocks], b.kv_cache[:, ~b.used_blocks])
+
+
+def test_fp8_rounding_matches_torch(interpreter):
+    # Ties, carries into the exponent, subnormals, saturation and signed zeros.
+    grid = torch.tensor([2.0 ** e * (1 + m / 16) for e in range(-12, 9) for m in range(16)])
+    values = torch.cat([grid, -grid, torch.tensor([0.0, -0.0, 500.0, -1e4, 7.6, 2.0 ** -10, 3 * 2.0 ** -11])])
+    values = torch.cat([values, torch.randn(4096 - values.numel()) * 20]).view(8, 4, 128)
+    cache = torch.zeros(2, 1, 8, 4, 128, dtype=torch.float8_e4m3fn)
+    ref = cache.clone()
+    slots = torch.arange(8)
+    one = torch.tensor(1.0)
+    sk_mod.store_kv(values, values, cache, slots, one, one)
+    sk_mod.store_kv_reference(values, values, ref, slots, one, one)
+    assert same_bits(cache, ref)
+
+
+# ---- unified paged attention -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: str
+    heads: int = 4
+    kv_heads: int = 1
+    head_size: int = 64
+    block_size: int = 16
+    dtype: torch.dtype = torch.float16
+    fp8: bool = False
+    window: int | None = None
+    alibi: bool = False
+    soft_cap: float | None = None
+    max_query_len: int | None = None  # None: the padded token count (metadata's safe default)
+    num_splits: int | None = None
+    tile_n: int | None = None
+
+    def make(self, device="cpu", seed=0, batches=BATCHES) -> Paged:
+        return make_paged(
+            *batches[self.batch], heads=self.heads, kv_heads=self.kv_heads, head_size=self.head_size,
+            block_size=self.block_size, dtype=self.dtype, fp8=self.fp8, alibi=self.alibi,
+            max_query_len=self.max_query_len, device=device, seed=seed)
+
+    def features(self) -> dict:
+        return dict(scale=self.head_size ** -0.5, sliding_window=self.window, logits_soft_cap=self.soft_cap)
+
+
+ATTENTION_CASES = {
+    "decode_mha_d64_fp16": Case("decode", kv_heads=4, max_query_len=1),
+    "decode_gqa4_d80_bs32_fp32": Case("decode", head_size=80, block_size=32, dtype=torch.float32, max_query_len=1),
+    "decode_split3_gqa4_d96": Case("decode", head_size=96, max_query_len=1, num_splits=3, tile_n=16),
+    "decode_split2_window": Case("decode", kv_heads=2, max_query_len=1, num_splits=2, window=9, tile_n=16),
+    "prefill_gqa2_fp32": Case("prefill", kv_heads=2, dtype=torch.float32, tile_n=16),
+    "spec_decode_split2_gqa4": Case("spec_decode", max_query_len=3, num_splits=2),
+    "mixed_mha_d64": Case("mixed", kv_heads=4),
+    "mixed_gqa4_d80_fp32": Case("mixed", head_size=80, dtype=torch.float32, tile_n=16),
+    "mixed_gqa4_bs32_window": Case("mixed", block_size=32, window=5),
+    "mixed_alibi_fp32": Case("mixed", kv_heads=2, dtype=torch.float32, alibi=True),
+    "mixed_soft_cap": Case("mixed", kv_heads=2, soft_cap=2.0),
+    "mixed_fp8_fp16": Case("mixed", kv_heads=2, fp8=True),
+    "mixed_fp8_fp32": Case("mixed", dtype=torch.float32, fp8=True),
+    "mixed_everything_d96": Case("mixed", head_size=96, window=7, alibi=True, soft_cap=3.0, fp8=True, tile_n=16),
+}
+
+
+def _attention(b: Paged, case: Case, fn, out):
+    m = b.meta
+    return fn(b.q, b.kv_cache, m.query_start_loc, m.seq_lens, m.block_table, out, max_query_len=m.max_query_len,
+              alibi_slopes=b.alibi_slopes, k_scale=b.k_scale, v_scale=b.v_scale, num_splits=case.num_splits,
+              tile_n=case.tile_n, **case.features())
+
+
+def check_attention_case(case: Case, device="cpu", seed=0, batches=BATCHES):
+    b = case.make(device, seed, batches)
+    # Attention reads the cache after the store; store with the reference so this tests attention alone.
+    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    before = b.kv_cache.clone()
+    out = torch.full_like(b.q, float("nan"))
+    _attention(b, case, pa_mod.paged_attention, out)
+    ref = _attention(b, case, pa_mod.paged_attention_reference, None)
+    n = b.num_real_tokens
+    assert not out.isnan().any(), "every row of out must be written"
+    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
+    assert torch.all(out[n:] == 0), "padding tokens must produce zeros"
+    assert same_bits(b.kv_cache, before), "attention must not write the cache"
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_CASES))
+def test_paged_attention(interpreter, name):
+    check_attention_case(ATTENTION_CASES[name])
+
+
+def test_interpreter_swaps_kernels_in(interpreter):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    check_attention_case(ATTENTION_CASES["decode_mha_d64_fp16"])
+    assert isinstance(pa_mod._paged_attention_kernel, InterpretedFunction)
+    assert isinstance(pa_mod._attend_tile, InterpretedFunction)
+
+
+# ---- store_and_decode ---------------------------------------------------------------------------
+
+DECODE_BATCH = ([1, 1, 1, 1], [1, 20, 41, 16])
+
+
+def check_store_and_decode(case: Case, device="cpu", seed=0, batch=DECODE_BATCH, drop_slot=False):
+    q_lens, s_lens = batch
+    b = make_paged(q_lens, s_lens, heads=case.heads, kv_heads=case.kv_heads, head_size=case.head_size,
+                   block_size=case.block_size, dtype=case.dtype, fp8=case.fp8, alibi=case.alibi, pad_tokens=1,
+                   pad_seqs=1, max_query_len=1, device=device, seed=seed)
+    m = b.meta
+    slots = m.slot_mapping.clone()
+    if drop_slot:
+        # Store nothing for sequence 1; its attention still uses its new key (from registers).
+        slots[1] = -1
+    before = b.kv_cache.clone()
+    args = (b.q, b.k, b.v)
+    kw = dict(alibi_slopes=b.alibi_slopes, k_scale=b.k_scale, v_scale=b.v_scale, **case.features())
+    out = torch.full_like(b.q, float("nan"))
+    cache = b.kv_cache.clone()
+    sd_mod.store_and_decode(*args, cache, m.seq_lens, m.block_table, slots, out, num_splits=case.num_splits,
+                            tile_n=case.tile_n, **kw)
+    ref_cache = b.kv_cache.clone()
+    ref = sd_mod.store_and_decode_reference(*args, ref_cache, m.seq_lens, m.block_table, m.slot_mapping, **kw)
+    if drop_slot:
+        ref_cache.view(2, -1, *ref_cache.shape[3:])[:, int(m.slot_mapping[1])] = \
+            before.view(2, -1, *before.shape[3:])[:, int(m.slot_mapping[1])]
+    n = b.num_real_tokens
+    assert not out.isnan().any()
+    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
+    assert torch.all(out[n:] == 0), "padding sequences must produce zeros"
+    assert_cache_matches(cache, ref_cache, b.used_blocks, before)
+
+
+DECODE_CASES = {
+    "mha_d64_fp16": Case("decode", kv_heads=4),
+    "gqa4_d80_bs32_fp32_split3": Case("decode", head_size=80, block_size=32, dtype=torch.float32, num_splits=3,
+                                      tile_n=16),
+    "gqa2_window_split2": Case("decode", kv_heads=2, window=6, num_splits=2, tile_n=16),
+    "gqa4_alibi_soft_cap": Case("decode", alibi=True, soft_cap=2.5),
+    "gqa2_fp8_d96_split2": Case("decode", kv_heads=2, head_size=96, fp8=True, num_splits=2),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODE_CASES))
+def test_store_and_decode(interpreter, name):
+    check_store_and_decode(DECODE_CASES[name])
+
+
+def test_store_and_decode_skips_unslotted_tokens(interpreter):
+    check_store_and_decode(Case("decode", kv_heads=2, dtype=torch.float32), drop_slot=True)
+
+
+# ---- the backend, through the public op -------------------------------------------------------
+
+BACKEND_LAYERS = {
+    "gqa2_d64": ca.AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64),
+    "mqa_d80_window_alibi": ca.AttentionSpec(num_heads=4, num_kv_heads=1, head_size=80, sliding_window=6,
+                                             alibi_slopes=[0.5, 0.25, 0.125, 0.0625]),
+    "fp8_soft_cap": ca.AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64, logits_soft_cap=3.0,
+                                     kv_cache_dtype="fp8_e4m3"),
+}
+
+
+def run_op(backend: str, b, spec, k_scale, v_scale):
+    attn = ca.Attention(spec, backend=backend, device="cpu")
+    attn.k_scale.fill_(k_scale)
+    attn.v_scale.fill_(v_scale)
+    cache = b.kv_cache.clone()
+    out = torch.full_like(b.q, float("nan"))
+    ops.attention(b.q, b.k, b.v, cache, b.meta, out, backend=backend, scale=spec.softmax_scale,
+                  sliding_window=spec.sliding_window, logits_soft_cap=spec.logits_soft_cap,
+                  alibi_slopes=attn.alibi_slopes, k_scale=attn.k_scale, v_scale=attn.v_scale)
+    return out, cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("layer", list(BACKEND_LAYERS))
+def test_backend_matches_reference(interpreter, layer, dtype):
+    spec = BACKEND_LAYERS[layer]
+    scales = (0.5, 2.0) if spec.is_fp8 else (1.0, 1.0)
+    b = make_batch("mixed", spec, dtype=dtype, seed=len(layer), k_scale=scales[0], v_scale=scales[1])
+    ref_out, ref_cache = run_op("reference", b, spec, *scales)
+    out, cache = run_op("triton", b, spec, *scales)
+    n = b.num_real_tokens
+    assert not out.isnan().any()
+    assert rel_error(out[:n], ref_out[:n]) <= TOLERANCE[dtype]
+    assert torch.all(out[n:] == 0)
+    assert_cache_matches(cache, ref_cache, b.used_blocks, b.kv_cache)
+
+
+def test_backend_named_batches(interpreter):
+    spec = ca.AttentionSpec(num_heads=4, num_kv_heads=1, head_size=64)
+    for name in ("small_decode", "prefix_prefill", "chunked_prefill", "spec_decode"):
+        b = make_batch(name, spec, dtype=torch.float16, seed=1)
+        ref_out, ref_cache = run_op("reference", b, spec, 1.0, 1.0)
+        out, cache = run_op("triton", b, spec, 1.0, 1.0)
+        n = b.num_real_tokens
+        assert rel_error(out[:n], ref_out[:n]) <= TOLERANCE[torch.float16], name
+        assert torch.all(out[n:] == 0), name
+        assert same_bits(cache, ref_cache), name
+
+
+# ---- capabilities and errors -----------------------------------------------------------------
+
+
+def test_supports_reasons(monkeypatch):
+    triton_backend = BACKENDS["triton"]
+    spec = ca.AttentionSpec(num_heads=8, num_kv_heads=2, head_size=128)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert triton_backend.supports(spec, device="cpu") == "needs CUDA (or TRITON_INTERPRET=1 for testing)"
+    assert select_backend(spec, device="cpu").name != "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert triton_backend.supports(spec, device="cpu") is None
+    assert select_backend(spec, device="cpu").name != "triton", "never chosen by 'auto' on CPU"
+    assert "head_size 72" in triton_backend.supports(ca.AttentionSpec(4, 2, 72), device="cpu")
+    assert "block_size 48" in triton_backend.supports(spec, device="cpu", block_size=48)
+    assert "block_size 8" in triton_backend.supports(spec, device="cpu", block_size=8)
+    assert "bfloat16" in triton_backend.supports(spec, device="cpu", dtype=torch.bfloat16)
+    assert PRIORITY["cuda"][0] == "triton" and "triton" not in PRIORITY["cpu"]
+
+
+def test_import_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import compiled_attn as ca\n"
+        "from compiled_attn.backends import BACKENDS\n"
+        "print(BACKENDS['triton'].supports(ca.AttentionSpec(8, 2, 128), device='cuda'))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "package 'triton' is not installed"
+
+
+def test_unsupported_inputs_raise_clear_errors(interpreter, monkeypatch):
+    b = make_paged(*BATCHES["decode"], heads=4, kv_heads=1, head_size=64, block_size=16, dtype=torch.float16)
+    m = b.meta
+    one = torch.tensor(1.0)
+    q72 = torch.zeros(b.q.shape[0], 4, 72, dtype=torch.float16)
+    cache72 = torch.zeros(2, 4, 16, 1, 72, dtype=torch.float16)
+    with pytest.raises(ValueError, match="head_size 72 .*torch_native"):
+        pa_mod.paged_attention(q72, cache72, m.query_start_loc, m.seq_lens, m.block_table, q72.clone(),
+                               max_query_len=1, scale=1.0, k_scale=one, v_scale=one)
+    cache8 = torch.zeros(2, 4, 8, 1, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match="block_size 8"):
+        pa_mod.paged_attention(b.q, cache8, m.query_start_loc, m.seq_lens, m.block_table, b.q.clone(),
+                               max_query_len=1, scale=1.0, k_scale=one, v_scale=one)
+    with pytest.raises(ValueError, match="one token per sequence"):
+        sd_mod.store_and_decode(b.q, b.k, b.v, b.kv_cache, m.seq_lens[:2], m.block_table[:2], m.slot_mapping,
+                                b.q.clone(), scale=1.0, k_scale=one, v_scale=one)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        BACKENDS["triton"].forward(b.q, b.k, b.v, b.kv_cache, m, b.q.clone(), scale=1.0, sliding_window=None,
+                                   logits_soft_cap=None, alibi_slopes=None, k_scale=one, v_scale=one)
+
+
+# ---- operators: opcheck and torch.compile ---------------------------------------------------
+
+
+def _op_inputs(seed=0):
+    b = make_paged([1, 1], [9, 20], heads=4, kv_heads=2, head_size=64, block_size=16, dtype=torch.float32,
+                   pad_tokens=0, pad_seqs=0, max_query_len=1, seed=seed)
+    return b
+
+
+def test_ops_opcheck(interpreter):
+    b = _op_inputs()
+    m = b.meta
+    one = torch.tensor(1.0)
+    torch.library.opcheck(torch.ops.compiled_attn.triton_store_kv.default,
+                          (b.k, b.v, b.kv_cache.clone(), m.slot_mapping, one, one))
+    torch.library.opcheck(torch.ops.compiled_attn.triton_paged_attention.default,
+                          (b.q, b.kv_cache, m.query_start_loc, m.seq_lens, m.block_table, torch.empty_like(b.q),
+                           one, one, None, 0.125, 0, 0.0, 1, 0))
+    torch.library.opcheck(torch.ops.compiled_attn.store_and_decode.default,
+                          (b.q, b.k, b.v, b.kv_cache.clone(), m.seq_lens, m.block_table, m.slot_mapping,
+                           torch.empty_like(b.q), one, one, None, 0.125, 0, 0.0))
+
+
+def _decode_step(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, k_scale, v_scale):
+    out = torch.empty_like(q)
+    torch.ops.compiled_attn.store_and_decode(q * 1.0, k, v, kv_cache, seq_lens, block_table, slot_mapping, out,
+                                             k_scale, v_scale, None, 0.125, 0, 0.0)
+    return out + 0.0
+
+
+def test_ops_compile_fullgraph(interpreter):
+    b = _op_inputs()
+    m = b.meta
+    one = torch.tensor(1.0)
+    args = (b.q, b.k, b.v)
+    eager_cache, compiled_cache = b.kv_cache.clone(), b.kv_cache.clone()
+    expected = _decode_step(*args, eager_cache, m.seq_lens, m.block_table, m.slot_mapping, one, one)
+    torch._dynamo.reset()
+    step = torch.compile(_decode_step, fullgraph=True, backend="aot_eager")
+    got = step(*args, compiled_cache, m.seq_lens, m.block_table, m.slot_mapping, one, one)
+    assert torch.equal(got, expected)
+    assert same_bits(compiled_cache, eager_cache)
+
+
+# ---- GPU: the compiled kernels over the full grid --------------------------------------------
+
+
+def reference_chunked(b: Paged, *, scale, sliding_window, logits_soft_cap, budget_bytes=1 << 29) -> torch.Tensor:
+    """The reference backend's attention, one sequence and a few queries at a time (its dense
+    per-token gather would not fit at 32k context)."""
+    m = b.meta
+    starts, lens = m.query_start_loc.tolist(), m.seq_lens.tolist()
+    heads, head_size = b.q.shape[1:]
+    block_size = b.kv_cache.shape[2]
+    out = torch.zeros(b.q.shape, dtype=torch.float32, device=b.q.device)
+    for s, n in enumerate(lens):
+        q_len = starts[s + 1] - starts[s]
+        if q_len == 0:
+            continue
+        context = n - q_len
+        chunk = max(1, budget_bytes // (n * heads * head_size * 4))
+        for a in range(0, q_len, chunk):
+            c = min(chunk, q_len - a)
+            end = context + a + c
+            sub = AttentionMetadata(
+                query_start_loc=torch.tensor([0, c], dtype=torch.int32, device=b.q.device),
+                seq_lens=torch.tensor([end], dtype=torch.int32, device=b.q.device),
+                block_table=m.block_table[s: s + 1, : math.ceil(end / block_size)],
+                slot_mapping=torch.full((c,), -1, dtype=torch.int64, device=b.q.device), max_query_len=c)
+            q = b.q[starts[s] + a: starts[s] + a + c]
+            out[starts[s] + a: starts[s] + a + c] = reference_attention(
+                q, b.kv_cache, sub, scale=scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                alibi_slopes=b.alibi_slopes, k_scale=b.k_scale, v_scale=b.v_scale)
+    return out
+
+
+def _ragged(num_seqs, max_context, query_lens, seed):
+    g = torch.Generator().manual_seed(seed)
+    ctx = torch.randint(1, max_context + 1, (num_seqs,), generator=g).tolist()
+    q_lens = [query_lens[i % len(query_lens)] for i in range(num_seqs)]
+    return q_lens, [c + q for c, q in zip(ctx, q_lens)]
+
+
+GPU_BATCHES: dict[str, tuple[list[int], list[int]]] = {
+    "decode_1x4k": ([1], [4096]),
+    "decode_16x2k": _ragged(16, 2048, [1], 1),
+    "decode_256x4k": _ragged(256, 4096, [1], 2),
+    "decode_4x32k": ([1] * 4, [32768, 30000, 1000, 17]),
+    "spec_decode_32x4": _ragged(32, 3000, [4], 3),
+    "prefill_2x1k": ([1024, 700], [1024, 700]),
+    "prefix_prefill_4": ([256, 128, 64, 33], [2048, 300, 5000, 33]),
+    "chunked_32k": ([512, 1, 1], [32768, 20000, 129]),
+    "mixed_256": _ragged(256, 8192, [1, 1, 1, 1, 1, 1, 3, 64], 4),
+}
+
+
+def _gpu_cases() -> dict[str, tuple[str, Case]]:
+    bf16, fp16 = torch.bfloat16, torch.float16
+    return {
+        # dtypes x head sizes x GQA x block sizes on decode and prefill
+        "decode_bf16_d128_g4_bs16": ("decode_16x2k", Case("", 32, 8, 128, 16, bf16, max_query_len=1)),
+        "decode_fp16_d64_g1_bs32": ("decode_16x2k", Case("", 16, 16, 64, 32, fp16, max_query_len=1)),
+        "decode_bf16_d80_g8_bs64": ("decode_16x2k", Case("", 32, 4, 80, 64, bf16, max_query_len=1)),
+        "decode_bf16_d96_g4_bs128": ("decode_16x2k", Case("", 16, 4, 96, 128, bf16, max_query_len=1)),
+        "decode_fp16_d112_g1_bs16": ("decode_16x2k", Case("", 8, 8, 112, 16, fp16, max_query_len=1)),
+        "decode_bf16_d192_g4_bs32": ("decode_16x2k", Case("", 16, 4, 192, 32, bf16, max_query_len=1)),
+        "decode_bf16_d256_g8_bs64": ("decode_16x2k", Case("", 16, 2, 256, 64, bf16, max_query_len=1)),
+        "decode_1x4k_split": ("decode_1x4k", Case("", 32, 8, 128, 16, bf16, max_query_len=1)),
+        "decode_256x4k_bf16": ("decode_256x4k", Case("", 32, 8, 128, 16, bf16, max_query_len=1)),
+        "decode_4x32k_bf16": ("decode_4x32k", Case("", 32, 8, 128, 16, bf16, max_query_len=1)),
+        "decode_4x32k_fp8": ("decode_4x32k", Case("", 32, 8, 128, 16, bf16, fp8=True, max_query_len=1)),
+        "spec_decode_g4": ("spec_decode_32x4", Case("", 32, 8, 128, 32, bf16, max_query_len=4)),
+        "prefill_bf16_d128_g4": ("prefill_2x1k", Case("", 32, 8, 128, 16, bf16)),
+        "prefill_fp16_d64_g1_bs128": ("prefill_2x1k", Case("", 8, 8, 64, 128, fp16)),
+        "prefill_bf16_d80_g8": ("prefill_2x1k", Case("", 16, 2, 80, 32, bf16)),
+        "prefill_bf16_d256_g4": ("prefill_2x1k", Case("", 8, 2, 256, 64, bf16)),
+        "prefix_prefill_fp16_d96": ("prefix_prefill_4", Case("", 16, 4, 96, 16, fp16)),
+        "prefix_prefill_bf16_d192_g8": ("prefix_prefill_4", Case("", 16, 2, 192, 16, bf16)),
+        "chunked_32k_bf16": ("chunked_32k", Case("", 32, 8, 128, 16, bf16)),
+        "mixed_256_bf16": ("mixed_256", Case("", 32, 8, 128, 16, bf16, max_query_len=64)),
+        "mixed_256_fp8": ("mixed_256", Case("", 32, 8, 128, 64, fp16, fp8=True, max_query_len=64)),
+        # features
+        "window_decode": ("decode_16x2k", Case("", 32, 8, 128, 16, bf16, window=256, max_query_len=1)),
+        "window_prefix_prefill": ("prefix_prefill_4", Case("", 16, 4, 128, 32, fp16, window=100)),
+        "window_mixed_fp8": ("mixed_256", Case("", 16, 2, 128, 16, bf16, window=1000, fp8=True, max_query_len=64)),
+        "alibi_decode": ("decode_16x2k", Case("", 16, 16, 128, 16, bf16, alibi=True, max_query_len=1)),
+        "alibi_prefill": ("prefix_prefill_4", Case("", 16, 4, 64, 16, fp16, alibi=True)),
+        "soft_cap_decode": ("decode_16x2k", Case("", 16, 2, 256, 16, bf16, soft_cap=50.0, max_query_len=1)),
+        "soft_cap_prefill": ("prefill_2x1k", Case("", 16, 8, 128, 64, bf16, soft_cap=30.0)),
+        "everything_mixed": ("mixed_256", Case("", 16, 4, 128, 32, bf16, window=512, alibi=True, soft_cap=30.0,
+                                               fp8=True, max_query_len=64)),
+        "fp32_mixed": ("prefix_prefill_4", Case("", 8, 2, 64, 16, torch.float32)),
+    }
+
+
+GPU_CASES = _gpu_cases()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_store_and_attention(compiled, name):
+    batch_name, case = GPU_CASES[name]
+    case = dataclasses.replace(case, batch=batch_name)
+    b = case.make("cuda", seed=len(name), batches=GPU_BATCHES)
+    before = b.kv_cache.clone()
+    ref_cache = b.kv_cache.clone()
+    sk_mod.store_kv_reference(b.k, b.v, ref_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    sk_mod.store_kv(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    assert_cache_matches(b.kv_cache, ref_cache, b.used_blocks, before)
+    b.kv_cache.copy_(ref_cache)  # attention is measured on the reference cache
+    out = torch.full_like(b.q, float("nan"))
+    _attention(b, case, pa_mod.paged_attention, out)
+    torch.cuda.synchronize()
+    ref = reference_chunked(b, **case.features())
+    n = b.num_real_tokens
+    assert not out.isnan().any()
+    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
+    assert torch.all(out[n:] == 0)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["mha_d64_fp16", "gqa4_d80_bs32_fp32_split3", "gqa2_window_split2",
+                                  "gqa4_alibi_soft_cap", "gqa2_fp8_d96_split2"])
+def test_gpu_store_and_decode_small(compiled, name):
+    check_store_and_decode(DECODE_CASES[name], device="cuda")
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("heads,kv_heads,head_size,block_size", [(32, 8, 128, 16), (16, 16, 64, 64), (32, 4, 256, 32)])
+def test_gpu_store_and_decode(compiled, dtype, fp8, heads, kv_heads, head_size, block_size):
+    batch = _ragged(32, 3000, [1], heads + head_size)  # the reference gathers [B, context, H, D] in fp32
+    case = Case("", heads, kv_heads, head_size, block_size, dtype, fp8=fp8, window=2048 if fp8 else None)
+    check_store_and_decode(case, device="cuda", batch=batch)
+
+
+@gpu
+@needs_cuda
+def test_gpu_compile_and_cuda_graph(compiled):
+    # The triton_op path (wrap_triton) under torch.compile(fullgraph=True), and CUDA-graph replay.
+    case = Case("", 32, 8, 128, 16, torch.bfloat16, max_query_len=1)
+    b = make_paged(*GPU_BATCHES["decode_16x2k"], heads=32, kv_heads=8, head_size=128, block_size=16,
+                   dtype=torch.bfloat16, max_query_len=1, device="cuda")
+    m = b.meta
+
+    def step(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, k_scale, v_scale):
+        out = torch.empty_like(q)
+        torch.ops.compiled_attn.triton_store_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+        torch.ops.compiled_attn.triton_paged_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out,
+                                                       k_scale, v_scale, None, case.features()["scale"], 0, 0.0,
+                                                       1, 0)
+        return out
+
+    args = lambda cache: (b.q, b.k, b.v, cache, m.query_start_loc, m.seq_lens, m.block_table, m.slot_mapping,
+                          b.k_scale, b.v_scale)
+    eager_cache = b.kv_cache.clone()
+    expected = step(*args(eager_cache))
+    torch._dynamo.reset()
+    compiled_step = torch.compile(step, fullgraph=True)
+    cache = b.kv_cache.clone()
+    got = compiled_step(*args(cache))
+    assert rel_error(got, expected) <= 1e-3
+    assert same_bits(cache, eager_cache)
+
+    # Capture the backend's forward (what compiled_attn::attention runs) and replay it.
+    graph_cache = b.kv_cache.clone()
+    out = torch.empty_like(b.q)
+    fwd = lambda: BACKENDS["triton"].forward(b.q, b.k, b.v, graph_cache, m, out, scale=case.features()["scale"],
+                                             sliding_window=None, logits_soft_cap=None, alibi_slopes=None,
+                                             k_scale=b.k_scale, v_scale=b.v_scale)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fwd()  # warm up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fwd()
+    graph_cache.copy_(b.kv_cache)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_error(out, expected) <= 1e-3
+    assert same_bits(graph_cache, eager_cache)
+
+
+@gpu
+@needs_cuda
+def test_gpu_split_heuristic_fills_the_device():
+    sms = pa_mod.num_sms(torch.device("cuda"))
+    splits = pa_mod.choose_num_splits(num_query_blocks=1, num_kv_heads=8, max_context=32768, max_query_len=1,
+                                      num_sms=sms)
+    assert splits * 8 >= min(sms, 8 * pa_mod.MAX_SPLITS)
+    assert pa_mod.choose_num_splits(num_query_blocks=256, num_kv_heads=8, max_context=32768, max_query_len=1,
+                                    num_sms=sms) == 1
