@@ -15,14 +15,16 @@ from .base import AttentionBackend
 from .reference import ReferenceBackend
 from .torch_native import TorchNativeBackend
 from .triton import TritonBackend
+from .flash_attn import FlashAttnBackend
+from .xformers import XFormersBackend
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
-    b.name: b for b in (ReferenceBackend, TorchNativeBackend, TritonBackend)
+    b.name: b for b in (ReferenceBackend, TorchNativeBackend, TritonBackend, FlashAttnBackend, XFormersBackend)
 }
 
 # First that can serve the layer wins. The reference is last everywhere: correct, never fast.
 PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "torch_native", "reference"),
+    "cuda": ("triton", "flash_attn", "xformers", "torch_native", "reference"),
     "cpu": ("torch_native", "reference"),
 }
 
