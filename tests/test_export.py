@@ -306,7 +306,7 @@ def test_tensorrt_target_plugin_nodes(llama):
     cache = llama.new_cache(NUM_BLOCKS, BLOCK_SIZE)
     blocks = [cache.allocator.allocate(2) for _ in PROMPTS]
     step = llama_inputs([models.SeqChunk([1], 5, b) for b in blocks], 2, max_blocks=2)
-    graph = to_onnx(llama, llama_args(step, cache.kv), target="tensorrt", output_names=["logits"])
+    graph = to_onnx(llama, llama_args(step, cache), target="tensorrt", output_names=["logits"])  # PagedKVCache
     plugins = [n for n in graph.graph.node if n.domain == TRT_DOMAIN]
     assert len(plugins) == llama.config.num_layers
     assert all(len(n.input) == 10 for n in plugins)
@@ -371,3 +371,16 @@ def test_export_onnx_example():
     assert lines[-1] == "OK", proc.stdout
     error = next(line for line in lines if line.startswith("max |logits error|"))
     assert float(error.rsplit(":", 1)[1]) < 1e-4
+
+
+def test_cli_export(tmp_path, capsys):
+    from compiled_attn.cli import main
+
+    path = tmp_path / "decode.onnx"
+    assert main(["export", "--output", str(path), "--num-seqs", "2", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert path.exists() and "outputs: logits, new_kv_caches" in out
+    error = out.split("max |logits error|")[1].split(",")[0]
+    assert float(error) < 1e-4
+    assert main(["export", "--output", str(tmp_path / "trt.onnx"), "--target", "tensorrt"]) == 0
+    assert f"{TRT_DOMAIN}::PagedAttention" in capsys.readouterr().out

@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..backends import get_backend
 from ..backends.paged_torch import store_kv as _store_kv_torch
+from ..cache import PagedKVCache
 from ..layer import Attention
 from ..metadata import AttentionMetadata
 
@@ -345,7 +346,8 @@ def export_step(
     outputs, in input order).
     """
     _precheck(step, target)
-    example_inputs = tuple(example_inputs)
+    # A PagedKVCache is not a pytree: it goes in as its stacked tensor (the model must accept that form).
+    example_inputs = tuple(a.kv if isinstance(a, PagedKVCache) else a for a in example_inputs)
     with functional_attention(target) as mode:
         wrapper = CacheThreadingStep(step, mode)
         if isinstance(dynamic_shapes, dict):

@@ -345,9 +345,10 @@ def to_onnx(
     """Export one model step to ONNX with every KV cache as an input and an output.
 
     ``model_or_step`` is a module, a bound method (``model.step``) or a function, called as
-    ``model_or_step(*example_inputs)``; the KV caches must be among its arguments (one tensor, or
-    a list of per-layer tensors) and ``AttentionMetadata`` may be passed as is (its tensors become
-    inputs, its ``max_query_len`` a constant).
+    ``model_or_step(*example_inputs)``; the KV caches must be among its arguments (one stacked
+    tensor, or a list of per-layer tensors; a ``PagedKVCache`` is passed as its stacked tensor) and
+    ``AttentionMetadata`` may be passed as is (its tensors become inputs, its ``max_query_len`` a
+    constant). The tensors' values are not used beyond tracing.
 
     Graph inputs are the tensors of ``example_inputs``, named by parameter and pytree path
     (``kv_caches_0``, ``meta_slot_mapping``). Outputs are the step's outputs (``output_names``, by
@@ -358,8 +359,13 @@ def to_onnx(
     of domain :data:`TRT_DOMAIN`); see the module docstring. A feature the target does not
     translate raises :class:`~compiled_attn.export.UnsupportedExportError` naming the op, the
     feature and the target. ``opset`` is the default-domain opset (``None``: the exporter's
-    default). ``dynamic_shapes`` is passed to ``torch.export.export``. Writes ``path`` if given
-    and returns the model; ``check`` runs ``onnx.checker.check_model``.
+    default).
+
+    ``dynamic_shapes`` goes to ``torch.export.export``: one entry per example input, or a dict by
+    parameter name (:func:`~compiled_attn.export.metadata_dynamic_shapes` builds the metadata's).
+    The example's dynamic dimensions must be at least 2: ``torch.export`` specializes sizes 0 and 1.
+
+    Writes ``path`` if given and returns the model; ``check`` runs ``onnx.checker.check_model``.
 
     >>> import compiled_attn as ca
     >>> spec = ca.AttentionSpec(num_heads=2, num_kv_heads=1, head_size=8)
