@@ -521,6 +521,15 @@ def test_flash_forward_refuses(fake_flash, feature):
     assert fake_flash.calls == []
 
 
+@pytest.mark.parametrize("name", ["flash_attn", "xformers"])
+def test_forward_refuses_unsupported_pages(fake_flash, fake_xformers, name):
+    # A layer built without block_size passes selection; the cache's page size is checked at the call.
+    batch = make_batch("mixed", LAYERS["gqa4_d128"], dtype=torch.bfloat16, block_size=16)
+    with pytest.raises(ValueError, match=f"{name}: block_size 16 is not supported"):
+        run_op(name, batch)
+    assert fake_flash.calls == [] and fake_xformers.calls == []
+
+
 def _varlen_args(batch):
     meta = batch.meta
     cache = batch.kv_cache

@@ -184,13 +184,19 @@ class FlashAttnBackend(AttentionBackend):
     ) -> str | None:
         reason = super().supports(spec, device=device, dtype=dtype, block_size=None)
         if reason is None and block_size is not None:
-            if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
-                reason = (
-                    f"block_size {block_size} is not supported: FlashAttention-2's paged KV needs pages that are "
-                    f"a multiple of {cls.block_size_multiple} (at most {cls.max_block_size} here); "
-                    "use block_size=256 or another backend"
-                )
+            reason = cls.block_size_reason(block_size)
         return reason
+
+    @classmethod
+    def block_size_reason(cls, block_size: int) -> str | None:
+        """Why pages of ``block_size`` tokens cannot be served, or None."""
+        if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
+            return (
+                f"block_size {block_size} is not supported: FlashAttention-2's paged KV needs pages that are "
+                f"a multiple of {cls.block_size_multiple} (at most {cls.max_block_size} here); "
+                "use block_size=256 or another backend"
+            )
+        return None
 
     @classmethod
     def extra_reason(
@@ -236,6 +242,9 @@ class FlashAttnBackend(AttentionBackend):
         if alibi_slopes is not None and logits_soft_cap is not None:
             raise ValueError("flash_attn does not support alibi together with logits_soft_cap; "
                              "use backend='reference'")
+        page_reason = cls.block_size_reason(kv_cache.shape[2])  # a static shape: free under compile/capture
+        if page_reason:
+            raise ValueError(f"flash_attn: {page_reason}")
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         num_tokens = q.shape[0]
         if num_tokens == 0:

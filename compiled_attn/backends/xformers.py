@@ -154,13 +154,19 @@ class XFormersBackend(AttentionBackend):
     ) -> str | None:
         reason = super().supports(spec, device=device, dtype=dtype, block_size=None)
         if reason is None and block_size is not None:
-            if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
-                reason = (
-                    f"block_size {block_size} is not supported: xFormers' paged split-K kernel needs pages that "
-                    f"are a multiple of its BLOCK_N ({cls.block_size_multiple}), at most {cls.max_block_size} here; "
-                    "use block_size=64 or 128, or another backend"
-                )
+            reason = cls.block_size_reason(block_size)
         return reason
+
+    @classmethod
+    def block_size_reason(cls, block_size: int) -> str | None:
+        """Why pages of ``block_size`` tokens cannot be served, or None."""
+        if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
+            return (
+                f"block_size {block_size} is not supported: xFormers' paged split-K kernel needs pages that "
+                f"are a multiple of its BLOCK_N ({cls.block_size_multiple}), at most {cls.max_block_size} here; "
+                "use block_size=64 or 128, or another backend"
+            )
+        return None
 
     @classmethod
     def extra_reason(
@@ -196,6 +202,9 @@ class XFormersBackend(AttentionBackend):
                               ("fp8_kv_cache", kv_cache.dtype.itemsize == 1)):
             if used:
                 raise ValueError(f"xformers does not support {feature}; use backend='torch_native' or 'reference'")
+        page_reason = cls.block_size_reason(kv_cache.shape[2])  # a static shape: free under compile/capture
+        if page_reason:
+            raise ValueError(f"xformers: {page_reason}")
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         num_tokens = q.shape[0]
         if num_tokens == 0:
