@@ -333,6 +333,29 @@ def test_untranslated_feature_names_op_feature_and_target():
         to_onnx(attn, args, target="tflite")
 
 
+def test_store_kv_op_exports_and_other_mutating_ops_are_named():
+    b = make_batch("chunked_prefill", ca.AttentionSpec(num_heads=4, num_kv_heads=2, head_size=16))
+    one = torch.tensor(1.0)
+
+    def store(k, v, kv, slots):  # the op called directly, through its packet
+        torch.ops.compiled_attn.store_kv(k, v, kv, slots, one, one)
+        return k.sum()
+
+    args = (b.k, b.v, b.kv_cache, b.meta.slot_mapping)
+    model = to_onnx(store, args)
+    assert [o.name for o in model.graph.output] == ["output", "new_kv"]
+    expected = b.kv_cache.clone()
+    ca.ops.store_kv(b.k, b.v, expected, b.meta.slot_mapping, one, one)
+    assert torch.equal(torch.from_numpy(run_onnx(model, args)[1]), expected)
+
+    @torch.library.custom_op("compiled_attn::_test_export_scribble", mutates_args=("x",))
+    def scribble(x: torch.Tensor) -> None:
+        x.zero_()
+
+    with pytest.raises(UnsupportedExportError, match="compiled_attn::_test_export_scribble mutates its inputs"):
+        to_onnx(lambda x: scribble(x), (torch.ones(3),))
+
+
 def test_to_tensorrt_without_torch_tensorrt_names_the_extra(monkeypatch):
     from compiled_attn.export import to_tensorrt
 

@@ -172,10 +172,20 @@ class _FunctionalOpsMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if (isinstance(func, torch._ops.OpOverloadPacket) and func._qualified_op_name.startswith("compiled_attn::")
+                and func.overloads() == ["default"]):
+            func = func.default  # torch.ops.compiled_attn.x(...) arrives as the packet
         if func is torch.ops.compiled_attn.attention.default:
             return self._attention(*args, **kwargs)
         if func is torch.ops.compiled_attn.store_kv.default:
             return self._store_kv(*args, **kwargs)
+        if (isinstance(func, torch._ops.OpOverload) and func.namespace == "compiled_attn" and func._schema.is_mutable
+                and torch.compiler.is_compiling()):
+            # The exporter would fail on it with a KeyError far from here.
+            raise UnsupportedExportError(
+                f"compiled_attn::{func._opname} mutates its inputs and has no functional twin, so it cannot be "
+                "exported; call attention through compiled_attn.Attention (compiled_attn::attention)"
+            )
         return func(*args, **kwargs)
 
     def _attention(self, q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, out, k_scale,
