@@ -21,6 +21,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
 _TWINS: dict[tuple[object, bool], object] = {}
+_MODE: dict[int, bool] = {}  # id(namespace) -> the mode its functions were last put in
 
 
 def interpreting() -> bool:
@@ -38,12 +39,15 @@ def _twin(fn, interpret: bool):
 def refresh(namespace: dict) -> None:
     """Make every Triton function in ``namespace`` (a module's globals) match the current mode."""
     interpret = interpreting()
+    if _MODE.get(id(namespace)) == interpret:
+        return  # the common case: nothing changed since the last launch
     for name, obj in list(namespace.items()):
         if isinstance(obj, (JITFunction, InterpretedFunction)):
             mode = isinstance(obj, InterpretedFunction)
             _TWINS.setdefault((obj.fn, mode), obj)
             if mode != interpret:
                 namespace[name] = _twin(obj.fn, interpret)
+    _MODE[id(namespace)] = interpret
 
 
 @contextlib.contextmanager

@@ -402,6 +402,14 @@ def paged_attention(
     override the static heuristics (tests, benchmarks). No host synchronisation.
 
     Equivalent PyTorch code: :func:`paged_attention_reference`.
+
+    >>> from compiled_attn import AttentionMetadata  # doctest: +SKIP
+    >>> meta = AttentionMetadata.build([3, 1], [3, 20], [[0], [2, 1]], block_size=16, device="cuda")  # doctest: +SKIP
+    >>> q = torch.randn(4, 8, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> cache = torch.randn(2, 3, 16, 2, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> one = torch.ones((), device="cuda")  # doctest: +SKIP
+    >>> out = paged_attention(q, cache, meta.query_start_loc, meta.seq_lens, meta.block_table, torch.empty_like(q),  # doctest: +SKIP
+    ...                       max_query_len=3, scale=128 ** -0.5, k_scale=one, v_scale=one)
     """
     check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
@@ -470,7 +478,7 @@ def triton_paged_attention(
     """``torch.ops.compiled_attn.triton_paged_attention``: :func:`paged_attention` as an operator
     (0 = no window / no soft-cap / automatic split count)."""
     check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
-    if q.device.type != "cuda" or q.shape[0] == 0 or seq_lens.shape[0] == 0:
+    if q.device.type != "cuda" or _jit.interpreting() or q.shape[0] == 0 or seq_lens.shape[0] == 0:
         torch.ops.compiled_attn._triton_paged_attention_opaque(
             q, kv_cache, query_start_loc, seq_lens, block_table, out, k_scale, v_scale, alibi_slopes, scale,
             sliding_window, logits_soft_cap, max_query_len, num_splits)

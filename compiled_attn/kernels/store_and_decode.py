@@ -212,6 +212,16 @@ def store_and_decode(
     ``[B, max_blocks]`` int32, slot_mapping ``[B]`` int64 (the new token's slot, -1 = don't store).
 
     Equivalent PyTorch code: :func:`store_and_decode_reference`.
+
+    >>> seq_lens = torch.tensor([5, 17], dtype=torch.int32, device="cuda")  # doctest: +SKIP
+    >>> block_table = torch.tensor([[0, 0], [2, 1]], dtype=torch.int32, device="cuda")  # doctest: +SKIP
+    >>> slots = torch.tensor([4, 16], device="cuda")  # doctest: +SKIP
+    >>> q = torch.randn(2, 8, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> k = v = torch.randn(2, 2, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> cache = torch.zeros(2, 3, 16, 2, 128, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> one = torch.ones((), device="cuda")  # doctest: +SKIP
+    >>> out = store_and_decode(q, k, v, cache, seq_lens, block_table, slots, torch.empty_like(q),  # doctest: +SKIP
+    ...                        scale=128 ** -0.5, k_scale=one, v_scale=one)
     """
     _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out)
     if q.shape[0] == 0:
@@ -281,7 +291,7 @@ def store_and_decode_op(
 ) -> None:
     """``torch.ops.compiled_attn.store_and_decode`` (0 = no window / no soft-cap)."""
     _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out)
-    if q.device.type != "cuda" or q.shape[0] == 0:
+    if q.device.type != "cuda" or _jit.interpreting() or q.shape[0] == 0:
         torch.ops.compiled_attn._triton_store_and_decode_opaque(
             q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale, alibi_slopes, scale,
             sliding_window, logits_soft_cap)

@@ -111,11 +111,12 @@ def store_kv(
 
     Equivalent PyTorch code: :func:`store_kv_reference`.
 
-    >>> import torch
-    >>> cache = torch.zeros(2, 4, 16, 2, 64)
-    >>> k = v = torch.ones(3, 2, 64)
-    >>> one = torch.ones(())
-    >>> store_kv(k, v, cache, torch.tensor([17, -1, 3]), one, one)  # doctest: +SKIP
+    Examples need CUDA (or CPU tensors with ``TRITON_INTERPRET=1``):
+
+    >>> cache = torch.zeros(2, 4, 16, 2, 64, device="cuda")  # doctest: +SKIP
+    >>> k = v = torch.ones(3, 2, 64, device="cuda")  # doctest: +SKIP
+    >>> one = torch.ones((), device="cuda")  # doctest: +SKIP
+    >>> store_kv(k, v, cache, torch.tensor([17, -1, 3], device="cuda"), one, one)  # doctest: +SKIP
     """
     check_store_args(k, v, kv_cache, slot_mapping)
     if k.shape[0] == 0:
@@ -157,7 +158,7 @@ def triton_store_kv(
 ) -> None:
     """``torch.ops.compiled_attn.triton_store_kv``: :func:`store_kv` as an operator."""
     check_store_args(k, v, kv_cache, slot_mapping)
-    if k.device.type != "cuda" or k.shape[0] == 0:
+    if k.device.type != "cuda" or _jit.interpreting() or k.shape[0] == 0:
         torch.ops.compiled_attn._triton_store_kv_opaque(k, v, kv_cache, slot_mapping, k_scale, v_scale)
         return
     _jit.refresh(globals())
