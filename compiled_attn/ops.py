@@ -39,15 +39,14 @@ def _attention(
     max_query_len: int,
 ) -> None:
     meta = AttentionMetadata(query_start_loc, seq_lens, block_table, slot_mapping, max_query_len)
-    get_backend(backend).forward(
-        q, k, v, kv_cache, meta, out,
-        scale=scale,
-        sliding_window=sliding_window or None,
-        logits_soft_cap=logits_soft_cap or None,
-        alibi_slopes=alibi_slopes,
-        k_scale=k_scale,
-        v_scale=v_scale,
-    )
+    impl = get_backend(backend)
+    features = dict(sliding_window=sliding_window or None, logits_soft_cap=logits_soft_cap or None,
+                    alibi_slopes=alibi_slopes)
+    # Static facts only: the check costs nothing under capture and keeps kernels from bad calls.
+    reason = impl.call_reason(kv_cache, **features)
+    if reason:
+        raise ValueError(f"backend {backend!r} cannot serve this call: {reason}")
+    impl.forward(q, k, v, kv_cache, meta, out, scale=scale, k_scale=k_scale, v_scale=v_scale, **features)
 
 
 @_attention.register_fake

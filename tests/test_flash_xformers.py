@@ -516,7 +516,7 @@ def test_flash_decode_arguments(fake_flash):
 @pytest.mark.parametrize("feature", ["fp8_kv", "alibi_soft_cap"])
 def test_flash_forward_refuses(fake_flash, feature):
     batch = make_batch("mixed", LAYERS[feature], dtype=torch.bfloat16, block_size=FLASH_PAGE)
-    with pytest.raises(ValueError, match="flash_attn does not support"):
+    with pytest.raises(ValueError, match="flash_attn.*does not support"):
         run_op("flash_attn", batch)
     assert fake_flash.calls == []
 
@@ -525,7 +525,7 @@ def test_flash_forward_refuses(fake_flash, feature):
 def test_forward_refuses_unsupported_pages(fake_flash, fake_xformers, name):
     # A layer built without block_size passes selection; the cache's page size is checked at the call.
     batch = make_batch("mixed", LAYERS["gqa4_d128"], dtype=torch.bfloat16, block_size=16)
-    with pytest.raises(ValueError, match=f"{name}: block_size 16 is not supported"):
+    with pytest.raises(ValueError, match=f"'{name}' cannot serve this call: block_size 16 is not supported"):
         run_op(name, batch)
     assert fake_flash.calls == [] and fake_xformers.calls == []
 
@@ -618,7 +618,7 @@ def test_xformers_mask_arguments(fake_xformers):
 @pytest.mark.parametrize("feature", ["alibi", "soft_cap", "fp8_kv"])
 def test_xformers_forward_refuses(fake_xformers, feature):
     batch = make_batch("mixed", LAYERS[feature], dtype=torch.bfloat16, block_size=64)
-    with pytest.raises(ValueError, match="xformers does not support"):
+    with pytest.raises(ValueError, match="xformers.*does not support"):
         run_op("xformers", batch)
     assert fake_xformers.calls == []
 

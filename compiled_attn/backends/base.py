@@ -33,6 +33,29 @@ class AttentionBackend:
     features: ClassVar[frozenset[str]] = ALL_FEATURES
     required_packages: ClassVar[tuple[str, ...]] = ()
     min_compute_capability: ClassVar[tuple[int, int] | None] = None
+    cuda_graph_support: ClassVar[str] = "full"
+    """``"full"``: every call is capturable (no host syncs, shapes fixed by the bucket)."""
+
+    @classmethod
+    def block_size_reason(cls, block_size: int) -> str | None:
+        """Why pages of ``block_size`` tokens cannot be served, or None (pure arithmetic: checked per call)."""
+        if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
+            return (
+                f"block_size {block_size} is not supported (needs a multiple of {cls.block_size_multiple}, "
+                f"at most {cls.max_block_size})"
+            )
+        return None
+
+    @classmethod
+    def call_reason(cls, kv_cache: torch.Tensor, *, sliding_window: int | None, logits_soft_cap: float | None,
+                    alibi_slopes: torch.Tensor | None) -> str | None:
+        """Why one op call cannot be served, from static facts only (free under compile and capture)."""
+        used = {"sliding_window": sliding_window is not None, "logits_soft_cap": logits_soft_cap is not None,
+                "alibi": alibi_slopes is not None, "fp8_kv_cache": kv_cache.dtype.itemsize == 1}
+        missing = [f for f, on in used.items() if on and f not in cls.features]
+        if missing:
+            return f"does not support {', '.join(missing)}"
+        return cls.block_size_reason(kv_cache.shape[2])
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -68,11 +91,8 @@ class AttentionBackend:
             return f"dtype {dtype} is not supported (supported: {', '.join(map(str, cls.dtypes))})"
         if cls.head_sizes is not None and spec.head_size not in cls.head_sizes:
             return f"head_size {spec.head_size} is not supported (supported: {', '.join(map(str, cls.head_sizes))})"
-        if block_size is not None and (block_size % cls.block_size_multiple or block_size > cls.max_block_size):
-            return (
-                f"block_size {block_size} is not supported (needs a multiple of {cls.block_size_multiple}, "
-                f"at most {cls.max_block_size})"
-            )
+        if block_size is not None and (reason := cls.block_size_reason(block_size)):
+            return reason
         missing = [f for f in spec.features() if f not in cls.features]
         if missing:
             return f"does not support {', '.join(missing)}"

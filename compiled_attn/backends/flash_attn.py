@@ -170,23 +170,6 @@ class FlashAttnBackend(AttentionBackend):
     # is raised for anything that is neither sm8x nor sm90).
     compute_capability_majors: ClassVar[tuple[int, ...]] = (8, 9)
     min_version: ClassVar[tuple[int, int]] = (2, 6)  # softcap arrived in 2.6.0
-    cuda_graph_support: ClassVar[str] = "full"
-    """Every call is capturable: no host syncs, shapes fixed by the bucket."""
-
-    @classmethod
-    def supports(
-        cls,
-        spec: AttentionSpec,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-        block_size: int | None = None,
-    ) -> str | None:
-        reason = super().supports(spec, device=device, dtype=dtype, block_size=None)
-        if reason is None and block_size is not None:
-            reason = cls.block_size_reason(block_size)
-        return reason
-
     @classmethod
     def block_size_reason(cls, block_size: int) -> str | None:
         """Why pages of ``block_size`` tokens cannot be served, or None."""
@@ -242,9 +225,6 @@ class FlashAttnBackend(AttentionBackend):
         if alibi_slopes is not None and logits_soft_cap is not None:
             raise ValueError("flash_attn does not support alibi together with logits_soft_cap; "
                              "use backend='reference'")
-        page_reason = cls.block_size_reason(kv_cache.shape[2])  # a static shape: free under compile/capture
-        if page_reason:
-            raise ValueError(f"flash_attn: {page_reason}")
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         num_tokens = q.shape[0]
         if num_tokens == 0:

@@ -22,8 +22,6 @@ class TorchNativeBackend(AttentionBackend):
     @classmethod
     def forward(cls, q, k, v, kv_cache, meta, out, *, scale, sliding_window, logits_soft_cap, alibi_slopes,
                 k_scale, v_scale) -> None:
-        if logits_soft_cap is not None:
-            raise ValueError("torch_native does not support logits_soft_cap; use backend='reference'")
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         num_tokens, num_heads, head_size = q.shape
         num_seqs = meta.seq_lens.shape[0]

@@ -140,23 +140,6 @@ class XFormersBackend(AttentionBackend):
     features = frozenset({"sliding_window"})
     required_packages = ("xformers",)
     min_compute_capability = (8, 0)  # triton_splitk.FwOp.CUDA_MINIMUM_COMPUTE_CAPABILITY
-    cuda_graph_support: ClassVar[str] = "full"
-    """Capturable: the mask is built from device tensors, no host syncs, shapes fixed by the bucket."""
-
-    @classmethod
-    def supports(
-        cls,
-        spec: AttentionSpec,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype | None = None,
-        block_size: int | None = None,
-    ) -> str | None:
-        reason = super().supports(spec, device=device, dtype=dtype, block_size=None)
-        if reason is None and block_size is not None:
-            reason = cls.block_size_reason(block_size)
-        return reason
-
     @classmethod
     def block_size_reason(cls, block_size: int) -> str | None:
         """Why pages of ``block_size`` tokens cannot be served, or None."""
@@ -198,13 +181,6 @@ class XFormersBackend(AttentionBackend):
     @classmethod
     def forward(cls, q, k, v, kv_cache, meta: AttentionMetadata, out, *, scale, sliding_window, logits_soft_cap,
                 alibi_slopes, k_scale, v_scale) -> None:
-        for feature, used in (("alibi", alibi_slopes is not None), ("logits_soft_cap", logits_soft_cap is not None),
-                              ("fp8_kv_cache", kv_cache.dtype.itemsize == 1)):
-            if used:
-                raise ValueError(f"xformers does not support {feature}; use backend='torch_native' or 'reference'")
-        page_reason = cls.block_size_reason(kv_cache.shape[2])  # a static shape: free under compile/capture
-        if page_reason:
-            raise ValueError(f"xformers: {page_reason}")
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         num_tokens = q.shape[0]
         if num_tokens == 0:
