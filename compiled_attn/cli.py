@@ -109,6 +109,7 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling")
     p.add_argument("--compile", action="store_true", help="run the step under torch.compile(fullgraph=True)")
+    p.add_argument("--cuda-graphs", action="store_true", help="capture the step per bucket as CUDA graphs, replay it")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--show", type=int, default=3, help="print this many prompts' outputs")
     p.set_defaults(func=run_generate)
@@ -132,7 +133,8 @@ def run_generate(args: argparse.Namespace) -> int:
     result = generate(model, prompts, args.max_new_tokens, num_blocks=args.num_blocks, block_size=args.block_size,
                       max_num_seqs=args.max_num_seqs, max_batch_tokens=args.max_batch_tokens,
                       temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-                      progress=not args.no_progress, compile=args.compile)
+                      progress=not args.no_progress, compile=args.compile,
+                      cuda_graphs=args.cuda_graphs)
     for i, (prompt, out) in enumerate(zip(prompts[: args.show], result.tokens)):
         print(f"prompt {i} ({len(prompt)} tokens) -> {out[:12]}{' ...' if len(out) > 12 else ''}")
     print(result.stats.summary())

@@ -6,7 +6,7 @@ Prompts are random token ids of different lengths. The batched run admits prompt
 blocks free up; the script then re-runs each prompt alone and prints whether the greedy
 tokens agree (``batched == one at a time: True``), and the throughput.
 
-    python examples/generate.py [--model tiny|small|1b-shape] [--backend auto] [--device cpu] [--compile]
+    python examples/generate.py [--model tiny|small|1b-shape] [--backend auto] [--device cpu] [--compile] [--cuda-graphs]
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) the step")
+    parser.add_argument("--cuda-graphs", action="store_true", help="capture the step per bucket, replay it")
     args = parser.parse_args()
 
     model = load_model(args)
@@ -48,7 +49,7 @@ def main() -> None:
     # Two sequences at a time, 32 new tokens per step: later prompts join as earlier ones finish,
     # long prompts are prefilled in chunks, and the shuffled block pool makes block tables ragged.
     result = generate(model, prompts, args.max_new_tokens, max_num_seqs=2, max_batch_tokens=32, shuffle_seed=0,
-                      compile=args.compile, progress=True)
+                      compile=args.compile, cuda_graphs=args.cuda_graphs, progress=True)
     for i, (prompt, out) in enumerate(zip(prompts, result.tokens)):
         print(f"prompt {i} ({len(prompt):2d} tokens) -> {out[:10]} ...")
     print(result.stats.summary())

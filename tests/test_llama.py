@@ -84,6 +84,9 @@ def test_greedy_generation_matches_hf(hf_model, backend):
     lens = [32, 7, 20, 3]
     got = ours.generate(batch, max_new_tokens=lens, max_num_seqs=3, num_blocks=8, shuffle_seed=11)
     assert got == [e[:n] for e, n in zip(expected, lens)]
+    # Through CUDAGraphRunner's buckets (on a CPU it pads and runs eagerly: the same path).
+    got = ours.generate(batch, max_new_tokens=32, max_num_seqs=2, max_batch_tokens=24, cuda_graphs=True)
+    assert got == expected
 
 
 def test_eos_stops_early_and_frees_blocks():

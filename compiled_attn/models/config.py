@@ -108,8 +108,9 @@ PRESETS: dict[str, LlamaConfig] = {
     # Seconds on a laptop CPU; what tests, examples and the CLI default use.
     "tiny": LlamaConfig(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                         vocab_size=256, max_position_embeddings=1024),
-    "small": LlamaConfig(hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4,
-                         vocab_size=4096, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
+    # Head size 64: the smallest every GPU backend serves.
+    "small": LlamaConfig(hidden_size=512, intermediate_size=1376, num_layers=4, num_heads=8, num_kv_heads=2,
+                         vocab_size=8192, rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE,
                          max_position_embeddings=4096, tie_word_embeddings=True),
     # Llama-3.2-1B's published shape (random weights): realistic layer sizes for a GPU.
     "1b-shape": LlamaConfig(hidden_size=2048, intermediate_size=8192, num_layers=16, num_heads=32,

@@ -16,13 +16,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cache import PagedKVCache
-from .batch import build_step_inputs, next_power_of_two
 from .llama import LlamaForCausalLM
 from .sampling import sample
-from .scheduler import Scheduled, Scheduler
-
-MIN_TOKEN_BUCKET = 8
-"""Smallest padded token count: small decode batches share one graph instead of one each."""
+from .scheduler import Scheduler, blocks_for
+from .steps import GraphedStep, PaddedStep
 
 # Each (token bucket, max_query_len) pair is one compiled graph; Dynamo's default limit of 8 per
 # function is too tight for a long run of varied batches. Raised only while generate() runs.
@@ -37,10 +34,13 @@ class GenerationStats:
     generated_tokens: int = 0
     steps: int = 0
     seconds: float = 0.0
+    """From the first step to the last."""
     first_step_seconds: float = 0.0
-    """Included in ``seconds``; holds the compile time when compiling."""
+    """Included in ``seconds``; holds the compile time when compiling without CUDA graphs."""
     num_blocks: int = 0
     """Size of the cache used."""
+    capture_seconds: float = 0.0
+    """CUDA-graph capture (and the compiles it triggers) before the first step; not in ``seconds``."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -54,10 +54,11 @@ class GenerationStats:
         return self.generated_tokens / rest if rest > 0 else 0.0
 
     def summary(self) -> str:
+        capture = f"; CUDA-graph capture before: {self.capture_seconds:.2f} s" if self.capture_seconds else ""
         return (f"{self.generated_tokens} tokens generated ({self.prompt_tokens} prompt) in {self.steps} steps, "
                 f"{self.seconds:.2f} s: {self.tokens_per_s:.1f} tokens/s "
                 f"({self.steady_tokens_per_s:.1f} tokens/s after the first step, which took "
-                f"{self.first_step_seconds:.2f} s)")
+                f"{self.first_step_seconds:.2f} s{capture})")
 
 
 @dataclasses.dataclass
@@ -84,6 +85,7 @@ def generate(
     shuffle_seed: int | None = None,
     progress: bool = False,
     compile: bool = False,
+    cuda_graphs: bool = False,
 ) -> GenerationResult:
     """Continuous batching over a paged KV cache.
 
@@ -95,73 +97,64 @@ def generate(
     holds at most ``max_batch_tokens`` new tokens (longer prompts are prefilled in chunks).
     ``temperature`` 0 is greedy; otherwise sampled (``top_k``, ``seed``). A sequence stops at
     ``eos_token_id`` (included in its output) or its max tokens, freeing its blocks at once.
-    ``compile`` runs the step under ``torch.compile(fullgraph=True)``. Raises ``CacheFullError``
+    ``compile`` runs the step under ``torch.compile(fullgraph=True)``; ``cuda_graphs`` captures
+    it per bucket at start-up (``CUDAGraphRunner``) and replays it. Raises ``CacheFullError``
     before any work when a request can never fit the cache.
     """
     limits = _per_prompt(max_new_tokens, len(prompts))
     eos = () if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
     if cache is None:
         block_size = block_size or 16
-        needs = sorted((-(-(len(p) + n - 1) // block_size) for p, n in zip(prompts, limits) if n > 0), reverse=True)
+        needs = sorted((blocks_for(len(p), n, block_size) for p, n in zip(prompts, limits) if n > 0), reverse=True)
         num_blocks = num_blocks or max(1, sum(needs[:max_num_seqs]))
         cache = model.new_cache(num_blocks, block_size, shuffle_seed=shuffle_seed)
     else:
         _check_cache(model, cache, block_size, num_blocks, shuffle_seed)
     scheduler = Scheduler(prompts, limits, cache.allocator, block_size=cache.block_size, max_num_seqs=max_num_seqs,
                           max_batch_tokens=max_batch_tokens, eos_token_id=eos)
-    # Fixed for the whole call: one block-table width and one sequence count, so only the token
-    # bucket varies from step to step.
-    table_width = next_power_of_two(max((s.blocks_needed(cache.block_size) for s in scheduler.sequences), default=1))
-    seq_bucket = next_power_of_two(max_num_seqs)
+    # One block-table width for the whole call: the longest request's.
+    table_width = max((s.blocks_needed(cache.block_size) for s in scheduler.sequences), default=1)
     step = model.compiled_step() if compile else model
     generator = None
     if temperature > 0:
         generator = torch.Generator(device=model.device).manual_seed(seed)
 
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), num_blocks=cache.num_blocks)
-    bar = tqdm(total=sum(limits), unit="tok", desc="generate", disable=not progress, dynamic_ncols=True)
     limit = (torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT))
              if compile else contextlib.nullcontext())
-    start = time.perf_counter()
     try:
-        with limit, torch.no_grad(), bar:
-            while scheduler.has_work:
-                plan = scheduler.schedule()
-                logits = _run_step(step, model, cache, plan, table_width, seq_bucket)
-                chosen = sample(logits[: len(plan)], temperature=temperature, top_k=top_k, generator=generator)
-                chosen = chosen.tolist()  # the one host sync per step
-                sampled = [t if item.samples else None for item, t in zip(plan, chosen)]
-                finished = scheduler.update(plan, sampled)
-                stats.steps += 1
-                if stats.steps == 1:
-                    stats.first_step_seconds = time.perf_counter() - start
-                new = sum(item.samples for item in plan)
-                stats.generated_tokens += new
-                # A sequence that stopped early at eos will never produce the rest of its budget.
-                bar.total -= sum(s.max_new_tokens - len(s.output) for s in finished)
-                bar.set_postfix(running=len(scheduler.running), waiting=len(scheduler.waiting), refresh=False)
-                bar.update(new)
+        with limit, torch.no_grad():
+            if cuda_graphs:
+                began = time.perf_counter()
+                run_step = GraphedStep(step, cache, max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens,
+                                       table_width=table_width, device=model.device, progress=progress)
+                stats.capture_seconds = time.perf_counter() - began
+            else:
+                run_step = PaddedStep(step, cache, max_num_seqs=max_num_seqs, table_width=table_width,
+                                      device=model.device)
+            bar = tqdm(total=sum(limits), unit="tok", desc="generate", disable=not progress, dynamic_ncols=True)
+            start = time.perf_counter()
+            with bar:
+                while scheduler.has_work:
+                    plan = scheduler.schedule()
+                    logits = run_step(plan)
+                    chosen = sample(logits[: len(plan)], temperature=temperature, top_k=top_k, generator=generator)
+                    chosen = chosen.tolist()  # the one host sync per step
+                    finished = scheduler.update(plan, [t if item.samples else None for item, t in zip(plan, chosen)])
+                    stats.steps += 1
+                    if stats.steps == 1:
+                        stats.first_step_seconds = time.perf_counter() - start
+                    new = sum(item.samples for item in plan)
+                    stats.generated_tokens += new
+                    # A sequence that stopped early at eos will never produce the rest of its budget.
+                    bar.total -= sum(s.max_new_tokens - len(s.output) for s in finished)
+                    bar.set_postfix(running=len(scheduler.running), waiting=len(scheduler.waiting), refresh=False)
+                    bar.update(new)
+            stats.seconds = time.perf_counter() - start
     except BaseException:
         scheduler.release_all()  # leave a caller's cache as it was found
         raise
-    stats.seconds = time.perf_counter() - start
     return GenerationResult([seq.output for seq in scheduler.sequences], stats)
-
-
-def _run_step(step, model: LlamaForCausalLM, cache: PagedKVCache, plan: Sequence[Scheduled], table_width: int,
-              seq_bucket: int) -> torch.Tensor:
-    """Pad the plan to its bucket and run the step; logits ``[seq_bucket, vocab]`` (first rows: the plan's)."""
-    total = sum(len(item.chunk.tokens) for item in plan)
-    num_tokens = next_power_of_two(total, MIN_TOKEN_BUCKET)
-    decode_only = all(len(item.chunk.tokens) == 1 for item in plan)
-    inputs = build_step_inputs(
-        [item.chunk for item in plan], cache.block_size,
-        num_tokens=num_tokens, num_seqs=seq_bucket, max_blocks=table_width,
-        # Static query-length bound: 1 for pure decode (cheap backends), the token bucket otherwise.
-        max_query_len=1 if decode_only else num_tokens,
-        num_blocks=cache.num_blocks, device=model.device,
-    )
-    return step(inputs.input_ids, inputs.positions, cache.kv, inputs.meta, inputs.logits_index)
 
 
 def _per_prompt(max_new_tokens: int | Sequence[int], num_prompts: int) -> list[int]:

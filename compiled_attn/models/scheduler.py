@@ -19,6 +19,11 @@ from ..cache import BlockAllocator, CacheFullError
 from .batch import SeqChunk
 
 
+def blocks_for(prompt_len: int, max_new_tokens: int, block_size: int) -> int:
+    """Blocks for every token whose K/V can be stored: the prompt and all but the last new token."""
+    return max(1, -(-(prompt_len + max_new_tokens - 1) // block_size))
+
+
 @dataclasses.dataclass(eq=False)
 class GenSequence:
     """One request's state."""
@@ -50,8 +55,7 @@ class GenSequence:
         return self.prompt[start:] + self.output[: stop - n]
 
     def blocks_needed(self, block_size: int) -> int:
-        """Blocks for every token whose K/V can be stored: prompt + max_new_tokens - 1."""
-        return max(1, -(-(len(self.prompt) + self.max_new_tokens - 1) // block_size))
+        return blocks_for(len(self.prompt), self.max_new_tokens, block_size)
 
 
 @dataclasses.dataclass(frozen=True)
