@@ -56,7 +56,9 @@ def _assert_one_graph_no_breaks():
 @pytest.mark.parametrize("backend", ["torch_native"])
 def test_model_step_compiles_once_per_bucket(backend):
     model = LlamaForCausalLM.random(LlamaConfig.preset("tiny"), seed=0, backend=backend, device="cpu")
+    keys = list(model.state_dict())
     compiled = model.compiled_step()
+    assert model.compiled_step() is compiled and list(model.state_dict()) == keys  # cached, not a submodule
     cache = model.new_cache(num_blocks=16, block_size=BLOCK)
     cache.kv.normal_(generator=torch.Generator().manual_seed(0))  # a cache already holding contexts
     eager_kv = cache.kv.clone()

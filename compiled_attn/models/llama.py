@@ -133,7 +133,6 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         inv_freq = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
-        self._compiled: nn.Module | None = None
 
     @property
     def device(self) -> torch.device:
@@ -179,9 +178,12 @@ class LlamaForCausalLM(nn.Module):
         ``dynamic=False``: the generator pads every step to a bucket, so each bucket is one static
         graph and batches inside a bucket never recompile.
         """
-        if self._compiled is None:
-            self._compiled = torch.compile(self, fullgraph=True, dynamic=False)
-        return self._compiled
+        compiled = self.__dict__.get("_compiled_step")
+        if compiled is None:
+            compiled = torch.compile(self, fullgraph=True, dynamic=False)
+            # A plain attribute, not a submodule: registered, the model would contain itself.
+            self.__dict__["_compiled_step"] = compiled
+        return compiled
 
     def new_cache(self, num_blocks: int, block_size: int = 16, *, shuffle_seed: int | None = None) -> PagedKVCache:
         """A ``PagedKVCache`` shaped for this model, on its device, in its dtype."""

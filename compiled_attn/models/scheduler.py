@@ -89,6 +89,9 @@ class Scheduler:
     ) -> None:
         if max_num_seqs <= 0 or max_batch_tokens <= 0:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_batch_tokens ({max_batch_tokens}) must be positive")
+        if max_batch_tokens < max_num_seqs:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_num_seqs ({max_num_seqs}) so "
+                             "every running sequence can decode in every step")
         self.allocator = allocator
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
