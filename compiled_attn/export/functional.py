@@ -42,8 +42,9 @@ from ..metadata import AttentionMetadata
 
 TARGETS: dict[str, frozenset[str]] = {
     # Lowered to standard ONNX ops: the window and causal masks as Where, ALiBi as Add, the
-    # soft-cap as Tanh. fp8 is not: ScatterND/Gather on float8 tensors are not kernels ONNX
-    # Runtime has on CPU.
+    # soft-cap as Tanh. fp8 is not: Gather and ScatterND do not accept float8 tensors at the
+    # opsets the exporter emits (onnxruntime 1.32 rejects such a graph), and ONNX has no bitcast
+    # to move the cache as bytes.
     "onnxruntime": frozenset({"sliding_window", "alibi", "logits_soft_cap"}),
     # A plugin node whose attributes carry the window and soft-cap and whose inputs carry the
     # slopes; outputs are typed like q, so an fp8 cache has no place in the contract yet.

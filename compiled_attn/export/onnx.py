@@ -267,13 +267,18 @@ def _attention_onnxruntime(q, k, v, kv_cache, query_start_loc, seq_lens, block_t
     _check_cache(kv_cache, "onnxruntime", "compiled_attn::attention")
     new_cache = _store(k, v, kv_cache, slot_mapping)
     out = _attend(q, new_cache, query_start_loc, seq_lens, block_table, _alibi_or_none(alibi_slopes),
-                  kv_heads=_static(kv_cache, 3, "num_kv_heads"), scale=scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                  kv_heads=_static(kv_cache, 3, "num_kv_heads"), scale=scale, sliding_window=sliding_window,
+                  logits_soft_cap=logits_soft_cap)
     return out, new_cache
 
 
-def _store_kv_standard(k, v, kv_cache, slot_mapping, k_scale, v_scale):
-    _check_cache(kv_cache, "onnxruntime", "compiled_attn::store_kv")
-    return _store(k, v, kv_cache, slot_mapping)
+def _store_kv_translation(target: str) -> Callable[..., Any]:
+    # Standard ops on both targets: TensorRT has ScatterND too.
+    def store_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale):
+        _check_cache(kv_cache, target, "compiled_attn::store_kv")
+        return _store(k, v, kv_cache, slot_mapping)
+
+    return store_kv
 
 
 def _attention_tensorrt(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, k_scale,
@@ -322,7 +327,7 @@ def translation_table(target: str = "onnxruntime") -> dict[Callable[..., Any], C
     attention = _attention_onnxruntime if target == "onnxruntime" else _attention_tensorrt
     return {
         torch.ops.compiled_attn.attention_functional.default: attention,
-        torch.ops.compiled_attn.store_kv_functional.default: _store_kv_standard,
+        torch.ops.compiled_attn.store_kv_functional.default: _store_kv_translation(target),
         torch.ops.aten.select_scatter.default: _select_scatter,
     }
 
@@ -379,8 +384,7 @@ def to_onnx(
     check_supported(target, "compiled_attn::attention", [])  # validates the target name
     program, input_names, written = export_step(model_or_step, example_inputs, target=target,
                                                 dynamic_shapes=dynamic_shapes)
-    num_outputs = len([o for o in program.graph_signature.user_outputs])
-    num_step_outputs = num_outputs - len(written)
+    num_step_outputs = len(program.graph_signature.user_outputs) - len(written)
     if output_names is None:
         output_names = ["output"] if num_step_outputs == 1 else [f"output_{i}" for i in range(num_step_outputs)]
     elif len(output_names) != num_step_outputs:
