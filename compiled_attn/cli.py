@@ -46,7 +46,8 @@ def _version(package: str) -> str:
 def add_info_parser(subparsers) -> None:
     p = subparsers.add_parser("info", help="versions, devices, and which attention backends can run here")
     p.add_argument("--device", default=None, help="device to ask about (default: cuda if available, else cpu)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="query dtype (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="query dtype (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--block-size", type=int, default=16)
     p.set_defaults(func=run_info)
 
@@ -104,7 +105,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--max-num-seqs", type=int, default=4, help="sequences running at once")
     p.add_argument("--max-batch-tokens", type=int, default=128, help="new tokens per step (longer prompts are chunked)")
     p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-blocks", type=int, default=None, help="cache size (default: enough for max-num-seqs requests)")
+    p.add_argument("--num-blocks", type=int, default=None,
+                   help="cache size (default: enough for max-num-seqs requests)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling")

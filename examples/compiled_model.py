@@ -54,7 +54,8 @@ class TinyModel(nn.Module):
         self.head = nn.Linear(hidden, vocab, device=device)
 
     def forward(self, ids: torch.Tensor, kv: torch.Tensor, meta: ca.AttentionMetadata) -> torch.Tensor:
-        """ids ``[T]`` int64, kv ``[layers, 2, num_blocks, block_size, kv_heads, head_size]`` → logits ``[T, vocab]``."""
+        """ids ``[T]`` int64, kv ``[layers, 2, num_blocks, block_size, kv_heads, head_size]``
+        → logits ``[T, vocab]``."""
         x = self.embed(ids)
         for block, kv_cache in zip(self.blocks, kv):
             x = block(x, kv_cache, meta)

@@ -6,7 +6,8 @@ Prompts are random token ids of different lengths. The batched run admits prompt
 blocks free up; the script then re-runs each prompt alone and prints whether the greedy
 tokens agree (``batched == one at a time: True``), and the throughput.
 
-    python examples/generate.py [--model tiny|small|1b-shape] [--backend auto] [--device cpu] [--compile] [--cuda-graphs]
+    python examples/generate.py [--model tiny|small|1b-shape] [--backend auto] [--device cpu]
+                                [--compile] [--cuda-graphs]
 """
 
 from __future__ import annotations

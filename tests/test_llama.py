@@ -114,6 +114,17 @@ def test_cache_too_small_raises_and_keeps_others_blocks():
     assert cache.allocator.num_free == 2 and bool((cache.kv[:, :, held] == 1.0).all())
 
 
+def test_bad_requests_are_refused_with_the_reason():
+    model = LlamaForCausalLM.random(LlamaConfig.preset("tiny"), seed=0, backend="reference", device="cpu")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.generate([[1, 2], [3, 999]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        model.generate([[1, 2], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        model.generate([[1, 2]], max_new_tokens=2, max_num_seqs=8, max_batch_tokens=4)
+    assert model.generate([[1, 2], [3]], max_new_tokens=[0, 2])[0] == []
+
+
 def test_sampling_is_seeded():
     model = LlamaForCausalLM.random(LlamaConfig.preset("tiny"), seed=0, backend="torch_native", device="cpu")
     batch = [[1, 2, 3], [4, 5, 6, 7, 8]]

@@ -102,6 +102,10 @@ def generate(
     before any work when a request can never fit the cache.
     """
     limits = _per_prompt(max_new_tokens, len(prompts))
+    vocab = model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        if any(not 0 <= t < vocab for t in prompt):  # on a GPU this would be a device-side assert
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary (0..{vocab - 1})")
     eos = () if eos_token_id is None else ({eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id))
     if cache is None:
         block_size = block_size or 16

@@ -31,7 +31,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(
+    positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """positions ``[T]`` int64 → cos, sin ``[T, 1, head_dim]`` in ``dtype`` (broadcast over heads)."""
     freqs = positions.float()[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]

@@ -88,7 +88,8 @@ class Scheduler:
         eos_token_id: Collection[int] = (),
     ) -> None:
         if max_num_seqs <= 0 or max_batch_tokens <= 0:
-            raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_batch_tokens ({max_batch_tokens}) must be positive")
+            raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_batch_tokens ({max_batch_tokens}) "
+                             "must be positive")
         if max_batch_tokens < max_num_seqs:
             raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_num_seqs ({max_num_seqs}) so "
                              "every running sequence can decode in every step")
