@@ -34,11 +34,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..backends import get_backend
-from ..backends.paged_torch import store_kv as _store_kv_torch
 from ..cache import PagedKVCache
 from ..layer import Attention
-from ..metadata import AttentionMetadata
 
 TARGETS: dict[str, frozenset[str]] = {
     # Lowered to standard ONNX ops: the window and causal masks as Where, ALiBi as Add, the
@@ -121,15 +118,11 @@ def attention_functional(
     """
     new_cache = kv_cache.clone()
     out = torch.empty_like(q)
-    meta = AttentionMetadata(query_start_loc, seq_lens, block_table, slot_mapping, max_query_len)
-    get_backend(backend).forward(
-        q, k, v, new_cache, meta, out,
-        scale=scale,
-        sliding_window=sliding_window or None,
-        logits_soft_cap=logits_soft_cap or None,
-        alibi_slopes=alibi_slopes if alibi_slopes.numel() else None,
-        k_scale=k_scale,
-        v_scale=v_scale,
+    # The mutating op itself (its checks, its backend dispatch) on the copy: the two never diverge.
+    torch.ops.compiled_attn.attention.default(
+        q, k, v, new_cache, query_start_loc, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
+        alibi_slopes if alibi_slopes.numel() else None, backend, scale, sliding_window, logits_soft_cap,
+        max_query_len,
     )
     return out, new_cache
 
@@ -147,7 +140,7 @@ def store_kv_functional(
 ) -> torch.Tensor:
     """``compiled_attn::store_kv`` without side effects: returns the new cache."""
     new_cache = kv_cache.clone()
-    _store_kv_torch(k, v, new_cache, slot_mapping, k_scale, v_scale)
+    torch.ops.compiled_attn.store_kv.default(k, v, new_cache, slot_mapping, k_scale, v_scale)
     return new_cache
 
 
