@@ -40,7 +40,10 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor
     """[T] int64: flat cache slot (block * block_size + offset) of each new token; -1 = store nothing."""
     max_query_len: int
-    """Static upper bound on any sequence's new tokens (from the bucket, not the batch)."""
+    """Static upper bound on any sequence's new tokens (from the bucket, not the batch).
+
+    ``1`` marks a decode layout: token ``i`` belongs to sequence ``i`` (every real sequence has
+    exactly one new token; padding sequences come last), which fused decode kernels rely on."""
 
     @property
     def num_seqs(self) -> int:
@@ -121,6 +124,9 @@ class AttentionMetadata:
         max_query_len = num_tokens if max_query_len is None else max_query_len
         if max(query_lens, default=0) > max_query_len:
             raise ValueError(f"a sequence has {max(query_lens)} new tokens, over max_query_len={max_query_len}")
+        if max_query_len == 1 and any(q != 1 for q in query_lens):
+            raise ValueError("a decode layout (max_query_len=1) needs exactly one new token per sequence; "
+                             "leave sequences without new tokens out of the step")
 
         starts = [0]
         slots: list[int] = []
@@ -158,6 +164,14 @@ class AttentionMetadata:
         query_lens = starts[1:] - starts[:-1]
         if bool((query_lens < 0).any()) or int(starts[-1]) > slots.shape[0]:
             raise ValueError("query_start_loc must be non-decreasing and end at or before num_tokens")
+        if self.max_query_len == 1:
+            real = lens > 0
+            decode_layout = bool((query_lens[real] == 1).all()) and not bool((real[1:] & ~real[:-1]).any())
+            if not decode_layout:
+                raise ValueError("max_query_len=1 (a decode layout) needs one new token per sequence, "
+                                 "padding sequences (seq_len 0) last")
+        if bool((query_lens > self.max_query_len).any()):
+            raise ValueError(f"a sequence has more new tokens than max_query_len={self.max_query_len}")
         if bool((lens < query_lens).any()):
             s = int((lens < query_lens).nonzero()[0])
             raise ValueError(f"sequence {s}: seq_len {int(lens[s])} is shorter than its query_len {int(query_lens[s])}")

@@ -56,6 +56,8 @@ def make_batch(
     block_size: int = 16,
     seed: int = 0,
     pad_tokens: int = 3,
+    pad_seqs: int = 1,
+    max_query_len: int | None = None,
     device: str = "cpu",
     k_scale: float = 1.0,
     v_scale: float = 1.0,
@@ -95,7 +97,8 @@ def make_batch(
     total = sum(query_lens)
     pad = lambda x: torch.cat([torch.cat(x), torch.randn(pad_tokens, *x[0].shape[1:], generator=g, dtype=torch.float64)])
     meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device, num_tokens=total + pad_tokens,
-                                   num_seqs=len(seq_lens) + 1, num_blocks=num_blocks)
+                                   num_seqs=len(seq_lens) + pad_seqs, num_blocks=num_blocks,
+                                   max_query_len=max_query_len)
     q = torch.randn(total + pad_tokens, spec.num_heads, d, generator=g).to(dtype)
     return Batch(
         spec=spec, meta=meta, q=q.to(device), k=pad(new_k).to(dtype).to(device), v=pad(new_v).to(dtype).to(device),

@@ -16,15 +16,17 @@ from .reference import ReferenceBackend
 from .torch_native import TorchNativeBackend
 from .triton import TritonBackend
 from .flash_attn import FlashAttnBackend
+from .trtllm import TrtllmBackend
 from .xformers import XFormersBackend
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
-    b.name: b for b in (ReferenceBackend, TorchNativeBackend, TritonBackend, FlashAttnBackend, XFormersBackend)
+    b.name: b for b in (ReferenceBackend, TorchNativeBackend, TritonBackend, TrtllmBackend, FlashAttnBackend,
+                       XFormersBackend)
 }
 
 # First that can serve the layer wins. The reference is last everywhere: correct, never fast.
 PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "flash_attn", "xformers", "torch_native", "reference"),
+    "cuda": ("triton", "trtllm", "flash_attn", "xformers", "torch_native", "reference"),
     "cpu": ("torch_native", "reference"),
 }
 
