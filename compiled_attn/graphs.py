@@ -30,7 +30,8 @@ from .metadata import PAD_SLOT, AttentionMetadata
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[..., torch.Tensor]
-"""``step_fn(*token_inputs, meta) -> Tensor`` whose dim 0 is tokens ``[T, ...]`` or sequences ``[B, ...]``."""
+"""``step_fn(*token_inputs, meta) -> Tensor`` whose dim 0 is tokens ``[T, ...]`` or sequences
+``[B, ...]`` (say which with ``output_rows``)."""
 
 
 def default_decode_buckets(max_num_seqs: int) -> list[int]:
@@ -129,7 +130,11 @@ class CUDAGraphRunner:
         plan: Callable[[AttentionMetadata], AttentionMetadata] | None = None,
         use_graphs: bool | None = None,
         progress: bool = False,
+        output_rows: str = "tokens",
     ) -> None:
+        if output_rows not in ("tokens", "seqs"):
+            raise ValueError(f"output_rows must be 'tokens' or 'seqs', got {output_rows!r}")
+        self.output_rows = output_rows
         self.step_fn = step_fn
         self.device = torch.device(device)
         self.block_size = block_size
@@ -247,8 +252,7 @@ class CUDAGraphRunner:
             output = self.step_fn(*self._inputs(bucket), self._static_meta(bucket))
         else:
             graph.replay()
-        rows = batch.num_tokens if output.shape[0] == bucket.num_tokens else len(batch.seq_lens)
-        return output[:rows]
+        return output[: batch.num_tokens if self.output_rows == "tokens" else len(batch.seq_lens)]
 
     def _write(self, bucket: Bucket, token_inputs: Sequence[torch.Tensor], meta: AttentionMetadata) -> None:
         t, b = bucket.num_tokens, bucket.num_seqs

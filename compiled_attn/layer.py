@@ -109,7 +109,7 @@ class Attention(nn.Module):
             raise ValueError(f"backend {self.backend.name!r} runs on {self.backend.device_types}, not {q.device.type}; "
                              "construct Attention with device=... so the right backend is selected")
         if self._data_checks_wanted(q):
-            meta.check(num_blocks=kv_cache.shape[1], block_size=kv_cache.shape[2])
+            meta.check_once(num_blocks=kv_cache.shape[1], block_size=kv_cache.shape[2])
 
     @staticmethod
     def _data_checks_wanted(q: torch.Tensor) -> bool:

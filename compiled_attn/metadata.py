@@ -150,6 +150,14 @@ class AttentionMetadata:
             max_query_len=max_query_len,
         )
 
+    def check_once(self, num_blocks: int, block_size: int) -> None:
+        """``check`` the first time this object meets a cache of this size; every layer of a step
+        shares one metadata object, so a step pays for one check, not one per layer."""
+        key = (num_blocks, block_size)
+        if self.__dict__.get("_checked_against") != key:
+            self.check(num_blocks, block_size)
+            object.__setattr__(self, "_checked_against", key)  # not a field: invisible to pytree/compile
+
     def check(self, num_blocks: int, block_size: int) -> None:
         """Validate the tensors against a cache (reads them on the host: not for captured code)."""
         starts = self.query_start_loc.cpu().long()

@@ -148,3 +148,16 @@ def test_replay_equals_eager_on_gpu(backend):
         want = eager_step(x, meta)
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(step.kv_cache, eager_step.kv_cache, rtol=1e-5, atol=1e-5)
+
+
+def test_per_sequence_outputs_are_cut_to_the_sequence_count():
+    # The prefill bucket (8 tokens) equals max_num_seqs: the row kind must come from output_rows.
+    def last_rows(x, meta):
+        return x[(meta.query_start_loc[1:] - 1).clamp(min=0)]
+
+    runner = CUDAGraphRunner(last_rows, token_input_specs=[((), torch.float32)], block_size=4, max_blocks=2,
+                             max_num_seqs=8, decode_buckets=[1], prefill_buckets=[8], device="cpu",
+                             output_rows="seqs")
+    runner.capture()
+    out = runner.run([torch.arange(5.0)], BatchLayout([3, 2], [3, 2], [[0], [1]]))
+    assert out.tolist() == [2.0, 4.0]
