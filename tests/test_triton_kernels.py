@@ -237,6 +237,8 @@ ATTENTION_CASES = {
     "mixed_fp8_fp16": Case("mixed", kv_heads=2, fp8=True),
     "mixed_fp8_fp32": Case("mixed", dtype=torch.float32, fp8=True),
     "mixed_everything_d96": Case("mixed", head_size=96, window=7, alibi=True, soft_cap=3.0, fp8=True, tile_n=16),
+    "mixed_gqa3_d112": Case("mixed", heads=6, kv_heads=2, head_size=112),  # a group that is not a power of 2
+    "spec_decode_gqa3_bs32": Case("spec_decode", heads=6, kv_heads=2, block_size=32, max_query_len=3),
 }
 
 
@@ -265,6 +267,47 @@ def check_attention_case(case: Case, device="cpu", seed=0, batches=BATCHES):
 @pytest.mark.parametrize("name", list(ATTENTION_CASES))
 def test_paged_attention(interpreter, name):
     check_attention_case(ATTENTION_CASES[name])
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_paged_attention_random_batches(interpreter, seed):
+    g = torch.Generator().manual_seed(1000 + seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]
+    num_seqs = pick([1, 2, 3, 5])
+    query_lens = [pick([1, 1, 2, 4, 9]) for _ in range(num_seqs)]
+    seq_lens = [q + pick([0, 3, 16, 40]) for q in query_lens]
+    heads, kv_heads = pick([(4, 4), (4, 1), (6, 3), (8, 2)])
+    case = Case(
+        "random", heads=heads, kv_heads=kv_heads, head_size=pick([64, 80, 96, 128]), block_size=pick([16, 32]),
+        dtype=pick([torch.float16, torch.float32]), fp8=pick([False, True]), window=pick([None, 4, 20]),
+        alibi=pick([False, True]), soft_cap=pick([None, 5.0]), max_query_len=pick([None, max(query_lens)]),
+        num_splits=pick([None, 1, 2, 3]), tile_n=pick([None, 16]))
+    check_attention_case(case, seed=seed, batches={"random": (query_lens, seq_lens)})
+
+
+def test_interpreter_after_compiled_import(interpreter):
+    # A fresh process: the kernels (and triton.language) are imported in compiled mode, the
+    # variable is set afterwards, and the first launch is a kernel whose helpers live in another
+    # module (store_and_decode -> paged_attention._attend_tile -> _tanh).
+    code = (
+        "import os, torch\n"
+        "os.environ.pop('TRITON_INTERPRET', None)\n"
+        "from compiled_attn.kernels import store_and_decode as sd\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "torch.manual_seed(0)\n"
+        "q, k, v = torch.randn(1, 2, 64), torch.randn(1, 1, 64), torch.randn(1, 1, 64)\n"
+        "cache = torch.randn(2, 2, 16, 1, 64)\n"
+        "lens, table, slots = torch.tensor([20], dtype=torch.int32), torch.tensor([[1, 0]], dtype=torch.int32), "
+        "torch.tensor([3])\n"
+        "kw = dict(scale=0.125, logits_soft_cap=2.0, k_scale=torch.tensor(1.0), v_scale=torch.tensor(1.0))\n"
+        "out = sd.store_and_decode(q, k, v, cache.clone(), lens, table, slots, torch.empty_like(q), **kw)\n"
+        "ref = sd.store_and_decode_reference(q, k, v, cache.clone(), lens, table, slots, **kw)\n"
+        "print(float((out - ref).abs().max()))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert float(result.stdout.strip()) < 1e-5
 
 
 def test_interpreter_swaps_kernels_in(interpreter):
@@ -316,12 +359,27 @@ DECODE_CASES = {
     "gqa2_window_split2": Case("decode", kv_heads=2, window=6, num_splits=2, tile_n=16),
     "gqa4_alibi_soft_cap": Case("decode", alibi=True, soft_cap=2.5),
     "gqa2_fp8_d96_split2": Case("decode", kv_heads=2, head_size=96, fp8=True, num_splits=2),
+    "gqa3_d64_fp32": Case("decode", heads=6, kv_heads=2, dtype=torch.float32),
 }
 
 
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_store_and_decode(interpreter, name):
     check_store_and_decode(DECODE_CASES[name])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_store_and_decode_random_batches(interpreter, seed):
+    g = torch.Generator().manual_seed(2000 + seed)
+    pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]
+    seq_lens = [pick([1, 2, 15, 16, 17, 33, 64]) for _ in range(pick([1, 2, 4]))]
+    heads, kv_heads = pick([(4, 4), (4, 1), (6, 3), (8, 2)])
+    case = Case(
+        "", heads=heads, kv_heads=kv_heads, head_size=pick([64, 80, 96, 128]), block_size=pick([16, 32]),
+        dtype=pick([torch.float16, torch.float32]), fp8=pick([False, True]), window=pick([None, 4, 20]),
+        alibi=pick([False, True]), soft_cap=pick([None, 5.0]), num_splits=pick([None, 1, 2, 3]),
+        tile_n=pick([None, 16]))
+    check_store_and_decode(case, seed=seed, batch=([1] * len(seq_lens), seq_lens))
 
 
 def test_store_and_decode_skips_unslotted_tokens(interpreter):
@@ -340,7 +398,7 @@ BACKEND_LAYERS = {
 
 
 def run_op(backend: str, b, spec, k_scale, v_scale):
-    attn = ca.Attention(spec, backend=backend, device="cpu")
+    attn = ca.Attention(spec, backend=backend, device=b.q.device)
     attn.k_scale.fill_(k_scale)
     attn.v_scale.fill_(v_scale)
     cache = b.kv_cache.clone()
@@ -435,16 +493,20 @@ def test_unsupported_inputs_raise_clear_errors(interpreter, monkeypatch):
 # ---- operators: opcheck and torch.compile ---------------------------------------------------
 
 
-def _op_inputs(seed=0):
-    b = make_paged([1, 1], [9, 20], heads=4, kv_heads=2, head_size=64, block_size=16, dtype=torch.float32,
-                   pad_tokens=0, pad_seqs=0, max_query_len=1, seed=seed)
+def _op_inputs(seed=0, device="cpu", dtype=torch.float32):
+    b = make_paged([1, 1], [9, 20], heads=4, kv_heads=2, head_size=64, block_size=16, dtype=dtype,
+                   pad_tokens=0, pad_seqs=0, max_query_len=1, seed=seed, device=device)
     return b
 
 
 def test_ops_opcheck(interpreter):
-    b = _op_inputs()
+    opcheck_all("cpu", torch.float32)
+
+
+def opcheck_all(device, dtype):
+    b = _op_inputs(device=device, dtype=dtype)
     m = b.meta
-    one = torch.tensor(1.0)
+    one = torch.tensor(1.0, device=device)
     torch.library.opcheck(torch.ops.compiled_attn.triton_store_kv.default,
                           (b.k, b.v, b.kv_cache.clone(), m.slot_mapping, one, one))
     torch.library.opcheck(torch.ops.compiled_attn.triton_paged_attention.default,
@@ -674,6 +736,31 @@ def test_gpu_compile_and_cuda_graph(compiled):
     torch.cuda.synchronize()
     assert rel_error(out, expected) <= 1e-3
     assert same_bits(graph_cache, eager_cache)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_opcheck(compiled, dtype):
+    opcheck_all("cuda", dtype)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layer", list(BACKEND_LAYERS))
+def test_gpu_backend_matches_reference(compiled, layer, dtype):
+    spec = BACKEND_LAYERS[layer]
+    scales = (0.5, 2.0) if spec.is_fp8 else (1.0, 1.0)
+    for name in BATCH_SPECS:
+        b = make_batch(name, spec, dtype=dtype, seed=len(layer), k_scale=scales[0], v_scale=scales[1], device="cuda")
+        ref_out, ref_cache = run_op("reference", b, spec, *scales)
+        out, cache = run_op("triton", b, spec, *scales)
+        n = b.num_real_tokens
+        assert not out.isnan().any(), name
+        assert rel_error(out[:n], ref_out[:n]) <= TOLERANCE[dtype], name
+        assert torch.all(out[n:] == 0), name
+        assert_cache_matches(cache, ref_cache, b.used_blocks, b.kv_cache)
 
 
 @gpu

@@ -37,17 +37,24 @@ def _twin(fn, interpret: bool):
 
 
 def refresh(namespace: dict) -> None:
-    """Make every Triton function in ``namespace`` (a module's globals) match the current mode."""
+    """Make every Triton function in ``namespace`` (a module's globals) match the current mode,
+    and the modules those functions come from (a helper imported from another module looks up
+    its own callees in that module's globals)."""
     interpret = interpreting()
     if _MODE.get(id(namespace)) == interpret:
         return  # the common case: nothing changed since the last launch
+    _MODE[id(namespace)] = interpret
+    homes = []
     for name, obj in list(namespace.items()):
         if isinstance(obj, (JITFunction, InterpretedFunction)):
             mode = isinstance(obj, InterpretedFunction)
             _TWINS.setdefault((obj.fn, mode), obj)
             if mode != interpret:
                 namespace[name] = _twin(obj.fn, interpret)
-    _MODE[id(namespace)] = interpret
+            if obj.fn.__globals__ is not namespace:
+                homes.append(obj.fn.__globals__)
+    for home in homes:
+        refresh(home)
 
 
 @contextlib.contextmanager

@@ -56,7 +56,8 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 
 @triton.jit
 def _tanh(x):
-    # tanh from exp(-2|x|): exact at the tails, no cancellation near 0; works in the interpreter.
+    # tanh from exp(-2|x|): no overflow at the tails, absolute error ~1e-7 near 0 (scores need no
+    # better); portable to the interpreter, which has no tanh.
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x >= 0, t, -t)
