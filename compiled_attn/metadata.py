@@ -104,8 +104,8 @@ class AttentionMetadata:
                     f"sequence {s}: seq_len {n} needs {-(-n // block_size)} blocks of {block_size} "
                     f"but its block table has {len(blocks)}; allocate more blocks first"
                 )
-            bad = [b for b in blocks if b < 0 or (num_blocks is not None and b >= num_blocks)]
-            if bad:
+            if blocks and (min(blocks) < 0 or (num_blocks is not None and max(blocks) >= num_blocks)):
+                bad = [b for b in blocks if b < 0 or (num_blocks is not None and b >= num_blocks)]
                 raise ValueError(
                     f"sequence {s}: block table entries {bad[:4]} are outside the cache "
                     f"(valid ids: 0..{'?' if num_blocks is None else num_blocks - 1})"
@@ -138,9 +138,9 @@ class AttentionMetadata:
             raise ValueError("slot_mapping writes the same cache slot twice; two sequences share a block they both write")
         starts += [total] * (num_seqs - len(seq_lens))
         slots += [PAD_SLOT] * (num_tokens - total)
-        table = torch.zeros(num_seqs, max_blocks, dtype=torch.int32)
-        for s, blocks in enumerate(block_tables):
-            table[s, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        rows = [list(blocks) + [0] * (max_blocks - len(blocks)) for blocks in block_tables]
+        rows += [[0] * max_blocks] * (num_seqs - len(rows))
+        table = torch.tensor(rows, dtype=torch.int32).view(num_seqs, max_blocks)
         lens = seq_lens + [0] * (num_seqs - len(seq_lens))
         return cls(
             query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
