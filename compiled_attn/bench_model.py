@@ -1,4 +1,4 @@
-"""``python -m compiled_attn.bench_model``: decode-step latency of a Llama-3.2-1B-shaped model
+"""``compiled-attn bench-model``: decode-step latency of a Llama-3.2-1B-shaped model
 (random weights) over a paged cache — eager, ``torch.compile``, ``torch.compile`` + our CUDA
 graphs — against the same weights in ``transformers`` (static cache and
 ``torch.compile(mode="reduce-overhead")``, as its docs recommend), at several batch sizes with a
@@ -86,15 +86,20 @@ def transformers_peer(hf_model, batch: int, context: int) -> float:
         return median_ms(step, warmup=8)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m compiled_attn.bench_model")
-    parser.add_argument("--batches", default="1,8,64,256")
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--backend", default="auto")
-    parser.add_argument("--no-peer", action="store_true")
-    parser.add_argument("--json", default="bench_model.json")
-    args = parser.parse_args(argv)
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench-model", help="decode-step latency of a 1B-shaped Llama vs transformers (GPU)")
+    p.add_argument("--batches", default="1,8,64,256")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--no-peer", action="store_true", help="skip the transformers peer")
+    p.add_argument("--json", default="bench_model.json")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not torch.cuda.is_available():
+        raise SystemExit("bench-model needs a CUDA GPU")
     import transformers
 
     config = LlamaConfig.preset("1b-shape")
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     model = LlamaForCausalLM.from_hf(hf_model, backend=args.backend, device="cuda", dtype=torch.bfloat16)
     report = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "transformers": transformers.__version__, "backend": model.layers[0].self_attn.attn.backend.name,
-              "context": args.context, "command": "python -m compiled_attn.bench_model " + " ".join(sys.argv[1:]),
+              "context": args.context, "command": "compiled-attn " + " ".join(sys.argv[1:]),
               "rows": []}
     with torch.no_grad():
         for batch in [int(b) for b in args.batches.split(",")]:
@@ -150,4 +155,7 @@ def format_table(report: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    parser = argparse.ArgumentParser(prog="python -m compiled_attn.bench_model")
+    add_parser(parser.add_subparsers())
+    parsed = parser.parse_args(["bench-model", *sys.argv[1:]])
+    sys.exit(parsed.func(parsed))

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-COMMAND_MODULES: tuple[str, ...] = ("compiled_attn.bench", "compiled_attn.export.cli")
+COMMAND_MODULES: tuple[str, ...] = ("compiled_attn.bench", "compiled_attn.bench_model", "compiled_attn.export.cli")
 """Modules whose ``add_parser(subparsers)`` registers a further subcommand."""
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

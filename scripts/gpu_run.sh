@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU machine does in one call: unpack the carried optional packages, print the
 # versions, run the GPU tests and/or the benchmark, and leave logs and results under $OUT.
-#   scripts/gpu_run.sh [tests|bench|all] [extra pytest args...]
+#   scripts/gpu_run.sh [tests|bench|model|all] [extra pytest args...]
 set -uo pipefail
 what=${1:-all}; shift || true
 OUT=${OUT:-out}; mkdir -p "$OUT" /tmp/site
@@ -27,6 +27,9 @@ if [ "$what" = tests ] || [ "$what" = all ]; then
   python3 -m pytest tests -m gpu -q -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
-  python3 -m compiled_attn.bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+  python3 -m compiled_attn bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+fi
+if [ "$what" = model ] || [ "$what" = all ]; then
+  python3 -m compiled_attn bench-model --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log" || status=1
 fi
 exit $status

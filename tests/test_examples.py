@@ -25,6 +25,11 @@ def test_compiled_model_example():
     assert "graphs compiled: 1" in out
 
 
+def test_cuda_graphs_example():
+    out = run("examples/cuda_graphs.py")
+    assert "max |runner - eager| over 4 steps" in out, out
+
+
 def test_generate_example():
     out = run("examples/generate.py", "--num-prompts", "4", "--max-new-tokens", "12")
     assert "batched == one at a time: True" in out, out
