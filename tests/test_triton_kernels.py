@@ -524,6 +524,36 @@ def _decode_step(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, k_scale
     return out + 0.0
 
 
+def test_store_and_decode_takes_a_registered_kernel():
+    # Another implementation behind the same schema serves eager and torch.compile'd calls.
+    code = (
+        "import torch\n"
+        "from compiled_attn.kernels import store_and_decode  # noqa: F401  (defines the op)\n"
+        "@torch.library.register_kernel('compiled_attn::store_and_decode', 'cpu')\n"
+        "def _(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale, alibi_slopes,\n"
+        "      scale, sliding_window, logits_soft_cap):\n"
+        "    out.fill_(7.0)\n"
+        "    kv_cache.fill_(3.0)\n"
+        "def step(q, k, v, cache, lens, table, slots, one):\n"
+        "    out = torch.empty_like(q)\n"
+        "    torch.ops.compiled_attn.store_and_decode(q, k, v, cache, lens, table, slots, out, one, one, None,\n"
+        "                                             0.125, 0, 0.0)\n"
+        "    return out * 2\n"
+        "args = lambda: (torch.randn(1, 2, 64), torch.randn(1, 1, 64), torch.randn(1, 1, 64),\n"
+        "                torch.zeros(2, 2, 16, 1, 64), torch.tensor([5], dtype=torch.int32),\n"
+        "                torch.tensor([[1, 0]], dtype=torch.int32), torch.tensor([20]), torch.tensor(1.0))\n"
+        "a, b = args(), args()\n"
+        "eager = step(*a)\n"
+        "compiled = torch.compile(step, fullgraph=True, backend='aot_eager')(*b)\n"
+        "print(bool((eager == 14).all()), bool((compiled == 14).all()), bool((b[3] == 3).all()))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["True", "True", "True"]
+
+
 def test_ops_compile_fullgraph(interpreter):
     b = _op_inputs()
     m = b.meta

@@ -289,7 +289,17 @@ def store_and_decode_op(
     v_scale: torch.Tensor, alibi_slopes: torch.Tensor | None, scale: float, sliding_window: int,
     logits_soft_cap: float,
 ) -> None:
-    """``torch.ops.compiled_attn.store_and_decode`` (0 = no window / no soft-cap)."""
+    """``torch.ops.compiled_attn.store_and_decode`` (0 = no window / no soft-cap).
+
+    Another implementation registered for a device with ``torch.library.register_kernel``
+    replaces the Triton one there, in eager calls and (traced like any PyTorch code) under
+    ``torch.compile``, where this function is what the compiler decomposes the op into.
+    """
+    override = _registered_kernel(q.device.type)
+    if override is not None:
+        override(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale, alibi_slopes,
+                 scale, sliding_window, logits_soft_cap)
+        return
     _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out)
     if q.device.type != "cuda" or _jit.interpreting() or q.shape[0] == 0:
         torch.ops.compiled_attn._triton_store_and_decode_opaque(
@@ -306,3 +316,10 @@ def store_and_decode_op(
     if reduce is not None:
         grid, args, constexprs = reduce
         torch.library.wrap_triton(_reduce_splits_kernel)[grid](*args, **constexprs)
+
+
+def _registered_kernel(device_type: str):
+    """The enabled ``register_kernel`` implementation of the op for ``device_type``, if any."""
+    kernels = getattr(store_and_decode_op, "_backend_fns", {})
+    disabled = getattr(store_and_decode_op, "_disabled_kernel", set())
+    return kernels.get(device_type) if device_type not in disabled else None
