@@ -111,7 +111,8 @@ def add_generate_parser(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="weights, prompts and sampling")
     p.add_argument("--compile", action="store_true", help="run the step under torch.compile(fullgraph=True)")
-    p.add_argument("--cuda-graphs", action="store_true", help="capture the step per bucket as CUDA graphs, replay it")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the step per bucket as CUDA graphs and replay it (default: on for cuda)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--show", type=int, default=3, help="print this many prompts' outputs")
     p.set_defaults(func=run_generate)

@@ -85,7 +85,7 @@ def generate(
     shuffle_seed: int | None = None,
     progress: bool = False,
     compile: bool = False,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool | None = None,
 ) -> GenerationResult:
     """Continuous batching over a paged KV cache.
 
@@ -98,10 +98,13 @@ def generate(
     ``temperature`` 0 is greedy; otherwise sampled (``top_k``, ``seed``). A sequence stops at
     ``eos_token_id`` (included in its output) or its max tokens, freeing its blocks at once.
     ``compile`` runs the step under ``torch.compile(fullgraph=True)``; ``cuda_graphs`` captures
-    it per bucket at start-up (``CUDAGraphRunner``) and replays it. Raises ``CacheFullError``
+    it per bucket at start-up (``CUDAGraphRunner``) and replays it; ``None`` (default) means on
+    for a CUDA model, off elsewhere. Raises ``CacheFullError``
     before any work when a request can never fit the cache.
     """
     limits = _per_prompt(max_new_tokens, len(prompts))
+    if cuda_graphs is None:
+        cuda_graphs = model.device.type == "cuda"
     vocab = model.config.vocab_size
     for i, prompt in enumerate(prompts):
         if any(not 0 <= t < vocab for t in prompt):  # on a GPU this would be a device-side assert
