@@ -452,6 +452,8 @@ def test_supports_reasons(monkeypatch):
     assert "block_size 48" in triton_backend.supports(spec, device="cpu", block_size=48)
     assert "block_size 8" in triton_backend.supports(spec, device="cpu", block_size=8)
     assert "bfloat16" in triton_backend.supports(spec, device="cpu", dtype=torch.bfloat16)
+    assert "power of two" in triton_backend.call_reason(torch.empty(2, 1, 48, 2, 128), sliding_window=None,
+                                                        logits_soft_cap=None, alibi_slopes=None)
     assert PRIORITY["cuda"][0] == "triton" and "triton" not in PRIORITY["cpu"]
 
 

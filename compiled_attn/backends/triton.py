@@ -44,9 +44,14 @@ class TritonBackend(AttentionBackend):
         return super().supports(spec, device=device, dtype=dtype, block_size=block_size)
 
     @classmethod
+    def block_size_reason(cls, block_size: int) -> str | None:
+        if block_size & (block_size - 1) or not cls.block_size_multiple <= block_size <= cls.max_block_size:
+            return (f"block_size {block_size} is not supported (needs a power of two from "
+                    f"{cls.block_size_multiple} to {cls.max_block_size})")
+        return None
+
+    @classmethod
     def extra_reason(cls, spec, *, device, dtype, block_size) -> str | None:
-        if block_size is not None and block_size & (block_size - 1):
-            return f"block_size {block_size} is not supported (needs a power of two from 16 to {cls.max_block_size})"
         if device.type == "cpu" and dtype == torch.bfloat16:
             return "bfloat16 is not supported by the Triton interpreter on CPU; use float16 or float32"
         if device.type == "cuda" and spec.is_fp8 and torch.cuda.get_device_capability(device) < (8, 9):
