@@ -11,7 +11,7 @@ import torch
 import compiled_attn as ca
 from compiled_attn.graphs import BatchLayout, Bucket, CUDAGraphRunner, choose_bucket, default_decode_buckets
 
-SPEC = ca.AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32)
+SPEC = ca.AttentionSpec(num_heads=4, num_kv_heads=2, head_size=64)  # every GPU backend serves 64
 
 
 def test_default_decode_buckets():
@@ -51,16 +51,18 @@ def test_choose_bucket_reasons(batch, reason):
 class TinyStep(torch.nn.Module):
     """A user's step: project tokens to q/k/v, one paged attention layer, back to features."""
 
-    def __init__(self, backend: str = "reference", device: str = "cpu"):
+    def __init__(self, backend: str = "reference", device: str = "cpu", block_size: int = 4):
         super().__init__()
         torch.manual_seed(0)
         self.qkv = torch.nn.Linear(16, (SPEC.num_heads + 2 * SPEC.num_kv_heads) * SPEC.head_size, device=device)
         self.attn = ca.Attention(SPEC, backend=backend, device=device)
-        self.kv_cache = torch.zeros(2, 32, 4, SPEC.num_kv_heads, SPEC.head_size, device=device)
+        self.kv_cache = torch.zeros(2, 32, block_size, SPEC.num_kv_heads, SPEC.head_size, device=device)
 
     def forward(self, x: torch.Tensor, meta: ca.AttentionMetadata) -> torch.Tensor:
-        q, k, v = self.qkv(x).split([SPEC.num_heads * 32, SPEC.num_kv_heads * 32, SPEC.num_kv_heads * 32], -1)
-        out = self.attn(q.view(-1, 4, 32), k.view(-1, 2, 32), v.view(-1, 2, 32), self.kv_cache, meta)
+        d = SPEC.head_size
+        q, k, v = self.qkv(x).split([SPEC.num_heads * d, SPEC.num_kv_heads * d, SPEC.num_kv_heads * d], -1)
+        out = self.attn(q.view(-1, SPEC.num_heads, d), k.view(-1, SPEC.num_kv_heads, d),
+                        v.view(-1, SPEC.num_kv_heads, d), self.kv_cache, meta)
         return out.flatten(1)
 
 
@@ -94,7 +96,7 @@ def test_too_large_batch_runs_eagerly_with_reason():
     runner.capture()
     batch = BatchLayout([20], [20], [[0, 1, 2, 3, 5]])
     out = runner.run([torch.randn(20, 16)], batch)
-    assert out.shape == (20, 128)
+    assert out.shape == (20, SPEC.num_heads * SPEC.head_size)
     assert "over the 4 the graphs were captured with" in runner.last_eager_reason
 
 
@@ -121,12 +123,13 @@ def test_graphs_need_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "torch_native", "triton"])
+@pytest.mark.parametrize("backend", ["reference", "torch_native", "triton", "trtllm"])
 def test_replay_equals_eager_on_gpu(backend):
     if ca.available_backends(SPEC, device="cuda").get(backend) != "available":
         pytest.skip(f"{backend} is not available here")
-    step, eager_step = TinyStep(backend, "cuda"), TinyStep(backend, "cuda")
-    runner = CUDAGraphRunner(step, token_input_specs=[((16,), torch.float32)], block_size=4, max_blocks=4,
+    bs = 16  # the smallest page every GPU backend serves
+    step, eager_step = TinyStep(backend, "cuda", bs), TinyStep(backend, "cuda", bs)
+    runner = CUDAGraphRunner(step, token_input_specs=[((16,), torch.float32)], block_size=bs, max_blocks=4,
                              max_num_seqs=8, decode_buckets=[1, 2, 4, 8], prefill_buckets=[8, 16], device="cuda")
     runner.capture()
     g = torch.Generator().manual_seed(1)
@@ -134,9 +137,9 @@ def test_replay_equals_eager_on_gpu(backend):
         num_seqs = int(torch.randint(1, 9, (1,), generator=g))
         decode = step_index % 2 == 1
         query_lens = [1] * num_seqs if decode else torch.randint(1, 3, (num_seqs,), generator=g).tolist()
-        seq_lens = [q + int(torch.randint(0, 12, (1,), generator=g)) for q in query_lens]
+        seq_lens = [q + int(torch.randint(0, 40, (1,), generator=g)) for q in query_lens]
         blocks = torch.randperm(32, generator=g).tolist()
-        tables = [blocks[4 * i: 4 * i + -(-n // 4)] for i, n in enumerate(seq_lens)]
+        tables = [blocks[4 * i: 4 * i + -(-n // bs)] for i, n in enumerate(seq_lens)]
         batch = BatchLayout(query_lens, seq_lens, tables)
         x = torch.randn(batch.num_tokens, 16, device="cuda")
         allocations = torch.cuda.memory_stats()["allocation.all.allocated"]
@@ -144,7 +147,7 @@ def test_replay_equals_eager_on_gpu(backend):
         assert torch.cuda.memory_stats()["allocation.all.allocated"] == allocations, "a replayed step must not allocate"
         got = got.clone()
         assert runner.last_eager_reason is None
-        meta = ca.AttentionMetadata.build(query_lens, seq_lens, tables, 4, "cuda")
+        meta = ca.AttentionMetadata.build(query_lens, seq_lens, tables, bs, "cuda")
         want = eager_step(x, meta)
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(step.kv_cache, eager_step.kv_cache, rtol=1e-5, atol=1e-5)

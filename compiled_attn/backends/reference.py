@@ -56,6 +56,7 @@ class ReferenceBackend(AttentionBackend):
 
     name = "reference"
     dtypes = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+    max_block_size = 1 << 16  # any page size: the gather does not care
 
     @classmethod
     def forward(cls, q, k, v, kv_cache, meta, out, *, scale, sliding_window, logits_soft_cap, alibi_slopes,

@@ -18,6 +18,7 @@ class TorchNativeBackend(AttentionBackend):
     name = "torch_native"
     # SDPA has no logit soft-capping hook (FlexAttention's score_mod would; not wired here yet).
     features = frozenset({"sliding_window", "alibi", "fp8_kv_cache"})
+    max_block_size = 1 << 16  # any page size: the gather does not care
 
     @classmethod
     def forward(cls, q, k, v, kv_cache, meta, out, *, scale, sliding_window, logits_soft_cap, alibi_slopes,

@@ -186,9 +186,12 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    qk_scale = scale
+    # Inductor may hand Python floats to user kernels as fp64 scalars: fix the types here, or
+    # fp64 would spread into the loop-carried softmax state.
+    qk_scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     if IS_FP8:
-        qk_scale = scale * tl.load(k_scale_ptr).to(tl.float32)
+        qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
     slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ALIBI:
         slopes = tl.load(slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)

@@ -88,9 +88,12 @@ def _store_and_decode_kernel(
                 mask=row_valid[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    qk_scale = scale
+    # Inductor may hand Python floats to user kernels as fp64 scalars: fix the types here, or
+    # fp64 would spread into the loop-carried softmax state.
+    qk_scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
     if IS_FP8:
-        qk_scale = scale * tl.load(k_scale_ptr).to(tl.float32)
+        qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
     slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ALIBI:
         slopes = tl.load(slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
