@@ -186,7 +186,7 @@ def measure_ceilings(device: str) -> dict[str, float]:
         dst = torch.empty_like(src)
         copy = max(copy, 2 * src.nbytes / time_graph(lambda: dst.copy_(src), 1) / 1e3)
         total = torch.empty((), device=device, dtype=torch.float32)
-        read = max(read, src.nbytes / time_graph(lambda: torch.sum(src, dtype=torch.float32, out=total), 1) / 1e3)
+        read = max(read, src.nbytes / time_graph(lambda: torch.sum(src, dim=0, dtype=torch.float32, out=total), 1) / 1e3)
         del src, dst
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
