@@ -39,12 +39,14 @@ from . import _jit
 # ---- tunables (not autotuned: one config per static shape keeps CUDA-graph capture simple) ----
 PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per program in prefill; FA2-style tile
 DECODE_BLOCK_M = 16  # smallest tl.dot M; decode rows are G heads of one token
-TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128)
+TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128), prefill-shaped steps
+DECODE_TILE_N_GPU = 64  # the same for decode-shaped steps (max_query_len <= SPLIT_MAX_QUERY_LEN)
 TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
 TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
 PREFILL_NUM_WARPS = 4
 DECODE_NUM_WARPS = 4
-NUM_STAGES = 2
+NUM_STAGES = 2  # software pipelining depth of the key loop, prefill-shaped steps
+DECODE_NUM_STAGES = 2  # the same for decode-shaped steps
 SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode buckets
 SPLIT_TARGET_PROGRAMS_PER_SM = 2  # flash-decoding: fill every SM about twice
 SPLIT_MIN_KEYS = 256  # a split below this many keys costs more in the reduction than it saves
@@ -284,21 +286,21 @@ def choose_num_splits(
 
 def tile_config(
     *, num_queries_per_kv: int, head_size: int, max_query_len: int, interpret: bool,
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_Q, TILE_N, num_warps) for a static shape."""
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_Q, TILE_N, num_warps, num_stages) for a static shape."""
     group_pad = _jit.next_power_of_2(num_queries_per_kv)
     if max_query_len <= SPLIT_MAX_QUERY_LEN:
         block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(num_queries_per_kv * max(max_query_len, 1)))
         block_m = min(block_m, max(PREFILL_BLOCK_M, group_pad))
-        num_warps = DECODE_NUM_WARPS
+        num_warps, num_stages, tile_n = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_TILE_N_GPU
     else:
         block_m = max(PREFILL_BLOCK_M, group_pad)
-        num_warps = PREFILL_NUM_WARPS
+        num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
     if interpret:
         tile_n = TILE_N_INTERPRETER
-    else:
-        tile_n = TILE_N_GPU if head_size <= 128 else TILE_N_GPU_LARGE_HEAD
-    return block_m, block_m // num_queries_per_kv, tile_n, num_warps
+    elif head_size > 128:
+        tile_n = min(tile_n, TILE_N_GPU_LARGE_HEAD)
+    return block_m, block_m // num_queries_per_kv, tile_n, num_warps, num_stages
 
 
 def check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out) -> None:
@@ -337,7 +339,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
     num_seqs = seq_lens.shape[0]
     group = num_heads // kv_heads
     interpret = _jit.interpreting() or q.device.type != "cuda"
-    block_m, block_q, default_tile_n, num_warps = tile_config(
+    block_m, block_q, default_tile_n, num_warps, num_stages = tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret)
     tile_n = tile_n or default_tile_n
     num_q_blocks = num_tokens // block_q + num_seqs
@@ -364,7 +366,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, DOT_FP32=interpret or q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=NUM_STAGES,
+        num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
     reduce_launch = None

@@ -23,8 +23,6 @@ import triton.language as tl
 from . import _jit
 from .paged_attention import (
     DECODE_BLOCK_M,
-    DECODE_NUM_WARPS,
-    NUM_STAGES,
     _attend_tile,
     _reduce_splits_kernel,
     _store_result,
@@ -150,7 +148,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = num_heads // kv_heads
     interpret = _jit.interpreting() or q.device.type != "cuda"
-    _, _, default_tile_n, _ = tile_config(num_queries_per_kv=group, head_size=head_size, max_query_len=1,
+    _, _, default_tile_n, num_warps, num_stages = tile_config(num_queries_per_kv=group, head_size=head_size, max_query_len=1,
                                           interpret=interpret)
     tile_n = tile_n or default_tile_n
     if not num_splits:
@@ -175,7 +173,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         BLOCK_M=max(DECODE_BLOCK_M, _jit.next_power_of_2(group)), TILE_N=tile_n, NUM_SPLITS=num_splits,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
-        DOT_FP32=interpret or q.dtype == torch.float32, num_warps=DECODE_NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_FP32=interpret or q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     reduce_launch = None
     if num_splits > 1:
