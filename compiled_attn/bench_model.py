@@ -79,8 +79,12 @@ def transformers_peer(hf_model, batch: int, context: int) -> float:
     forward = torch.compile(hf_model.forward, mode="reduce-overhead", fullgraph=True)
 
     def step():
-        return forward(input_ids=ids, position_ids=position.expand(batch, 1), cache_position=position,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+        # reduce-overhead replays a graph whose outputs the next replay overwrites: mark each step
+        # and copy the logits out, as a generation loop must.
+        torch.compiler.cudagraph_mark_step_begin()
+        out = forward(input_ids=ids, position_ids=position.expand(batch, 1), cache_position=position,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits.clone()
 
     with torch.no_grad():
         return median_ms(step, warmup=8)
