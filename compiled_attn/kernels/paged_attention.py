@@ -41,12 +41,14 @@ PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per program in pr
 DECODE_BLOCK_M = 16  # smallest tl.dot M; decode rows are G heads of one token
 TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128), prefill-shaped steps
 DECODE_TILE_N_GPU = 64  # the same for decode-shaped steps (max_query_len <= SPLIT_MAX_QUERY_LEN)
+# Decode values from benchmarks/tune_h100.json (H100, scripts/tune_kernels.py): 64 keys x 4 stages
+# was best or within 1% at (32, 4096) bf16 and (64, 16384) fp8; 2 stages left fp8 40% slower.
 TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
 TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
 PREFILL_NUM_WARPS = 4
 DECODE_NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth of the key loop, prefill-shaped steps
-DECODE_NUM_STAGES = 2  # the same for decode-shaped steps
+DECODE_NUM_STAGES = 4  # the same for decode-shaped steps
 SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode buckets
 SPLIT_TARGET_PROGRAMS_PER_SM = 2  # flash-decoding: fill every SM about twice
 SPLIT_MIN_KEYS = 256  # a split below this many keys costs more in the reduction than it saves
