@@ -68,26 +68,33 @@ def ours(model: LlamaForCausalLM, batch: int, context: int, block_size: int) -> 
     return results
 
 
-def transformers_peer(hf_model, batch: int, context: int) -> float:
-    """One decode step of ``transformers`` with a static cache, compiled with reduce-overhead."""
+def transformers_peer(hf_model, batch: int, context: int) -> tuple[float, str]:
+    """One decode step of ``transformers`` with a static cache, compiled with reduce-overhead
+    (falling back to the default mode if its graph trees fail); returns (ms, mode used)."""
     from transformers import StaticCache
 
-    cache = StaticCache(config=hf_model.config, max_cache_len=context + 16)
     device = hf_model.device
     ids = torch.randint(0, hf_model.config.vocab_size, (batch, 1), device=device)
     position = torch.tensor([context], device=device)
-    forward = torch.compile(hf_model.forward, mode="reduce-overhead", fullgraph=True)
-
-    def step():
-        # reduce-overhead replays a graph whose outputs the next replay overwrites: mark each step
-        # and copy the logits out, as a generation loop must.
-        torch.compiler.cudagraph_mark_step_begin()
-        out = forward(input_ids=ids, position_ids=position.expand(batch, 1), cache_position=position,
+    errors = []
+    for mode in ("reduce-overhead", "default"):
+        cache = StaticCache(config=hf_model.config, max_cache_len=context + 16)
+        kwargs = dict(input_ids=ids, position_ids=position.expand(batch, 1), cache_position=position,
                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return out.logits.clone()
+        hf_model(**kwargs)  # the cache allocates its tensors lazily: do it outside any graph
+        forward = torch.compile(hf_model.forward, mode=mode, fullgraph=True)
 
-    with torch.no_grad():
-        return median_ms(step, warmup=8)
+        def step():
+            # Graph trees overwrite a replay's outputs on the next one: mark each step, copy out.
+            torch.compiler.cudagraph_mark_step_begin()
+            return forward(**kwargs).logits.clone()
+
+        try:
+            return median_ms(step, warmup=8), mode
+        except Exception as err:  # noqa: BLE001 - try the next mode, report both if neither works
+            errors.append(f"{mode}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            torch._dynamo.reset()
+    raise RuntimeError("; ".join(errors))
 
 
 def add_parser(subparsers) -> None:
@@ -127,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
             row = {"batch": batch, **ours(model, batch, args.context, args.block_size)}
             if not args.no_peer:
                 try:
-                    row["transformers_ms"] = transformers_peer(hf_model, batch, args.context)
+                    row["transformers_ms"], row["transformers_mode"] = transformers_peer(hf_model, batch,
+                                                                                         args.context)
                 except Exception as err:  # the peer failing is a result, not a crash
                     row["transformers_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             row["tokens_per_s"] = batch / row["compile_graphs_ms"] * 1e3
