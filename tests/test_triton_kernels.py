@@ -454,7 +454,7 @@ def test_supports_reasons(monkeypatch):
     assert "bfloat16" in triton_backend.supports(spec, device="cpu", dtype=torch.bfloat16)
     assert "power of two" in triton_backend.call_reason(torch.empty(2, 1, 48, 2, 128), sliding_window=None,
                                                         logits_soft_cap=None, alibi_slopes=None)
-    assert PRIORITY["cuda"][0] == "triton" and "triton" not in PRIORITY["cpu"]
+    assert PRIORITY["cuda"][:2] == ("trtllm", "triton") and "triton" not in PRIORITY["cpu"]
 
 
 def test_import_without_triton():

@@ -25,8 +25,10 @@ BACKENDS: dict[str, type[AttentionBackend]] = {
 }
 
 # First that can serve the layer wins. The reference is last everywhere: correct, never fast.
+# CUDA order from the H100 figures in BENCHMARKS.md: trtllm (fused decode) >= triton on every
+# decode shape and equal on prefill; both ahead of flash_attn, then xformers, on every shape.
 PRIORITY: dict[str, tuple[str, ...]] = {
-    "cuda": ("triton", "trtllm", "flash_attn", "xformers", "torch_native", "reference"),
+    "cuda": ("trtllm", "triton", "flash_attn", "xformers", "torch_native", "reference"),
     "cpu": ("torch_native", "reference"),
 }
 
