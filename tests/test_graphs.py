@@ -164,3 +164,18 @@ def test_per_sequence_outputs_are_cut_to_the_sequence_count():
     runner.capture()
     out = runner.run([torch.arange(5.0)], BatchLayout([3, 2], [3, 2], [[0], [1]]))
     assert out.tolist() == [2.0, 4.0]
+
+
+@pytest.mark.gpu
+def test_capture_default_buckets_of_a_1b_shaped_model():
+    from compiled_attn.models import LlamaConfig, LlamaForCausalLM
+    from compiled_attn.models.steps import GraphedStep
+
+    model = LlamaForCausalLM.random(LlamaConfig.preset("1b-shape"), device="cuda", dtype=torch.bfloat16)
+    cache = model.new_cache(num_blocks=2048, block_size=16)
+    graphed = GraphedStep(model, cache, max_num_seqs=64, max_batch_tokens=512, table_width=64,
+                          device=torch.device("cuda"), progress=True)
+    runner = graphed.runner
+    assert len(runner._graphs) == len(runner.buckets()) >= 10
+    assert all(graph is not None for graph, _, _ in runner._graphs.values())
+    assert 0 < runner.graph_memory_bytes < 4 << 30, "graph memory is reported, and shared across buckets"
