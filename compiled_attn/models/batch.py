@@ -50,6 +50,22 @@ class StepInputs:
                           self.logits_index.to(device))
 
 
+def flatten_chunks(
+    chunks: Sequence[SeqChunk], block_size: int
+) -> tuple[list[int], list[int], list[int], list[int], list[list[int]]]:
+    """(token ids, positions, query_lens, seq_lens, block tables) of the step, unpadded."""
+    ids: list[int] = []
+    positions: list[int] = []
+    for chunk in chunks:
+        ids.extend(chunk.tokens)
+        positions.extend(range(chunk.start, chunk.start + len(chunk.tokens)))
+    query_lens = [len(c.tokens) for c in chunks]
+    seq_lens = [c.start + len(c.tokens) for c in chunks]
+    # Only the blocks a sequence has reached go in the table: its width tracks the context, not the reservation.
+    tables = [list(c.blocks[: -(-n // block_size)]) for c, n in zip(chunks, seq_lens)]
+    return ids, positions, query_lens, seq_lens, tables
+
+
 def build_step_inputs(
     chunks: Sequence[SeqChunk],
     block_size: int,
@@ -67,15 +83,7 @@ def build_step_inputs(
     >>> s.positions.tolist(), s.logits_index.tolist(), s.meta.slot_mapping.tolist()
     ([0, 1, 2, 4, 0, 0, 0, 0], [2, 3], [12, 13, 14, 0, -1, -1, -1, -1])
     """
-    ids: list[int] = []
-    positions: list[int] = []
-    for chunk in chunks:
-        ids.extend(chunk.tokens)
-        positions.extend(range(chunk.start, chunk.start + len(chunk.tokens)))
-    query_lens = [len(c.tokens) for c in chunks]
-    seq_lens = [c.start + len(c.tokens) for c in chunks]
-    # Only the blocks a sequence has reached go in the table: its width tracks the context, not the reservation.
-    tables = [list(c.blocks[: -(-n // block_size)]) for c, n in zip(chunks, seq_lens)]
+    ids, positions, query_lens, seq_lens, tables = flatten_chunks(chunks, block_size)
     meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, device, num_tokens=num_tokens,
                                    num_seqs=num_seqs, max_blocks=max_blocks, max_query_len=max_query_len,
                                    num_blocks=num_blocks)

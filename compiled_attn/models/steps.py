@@ -12,7 +12,7 @@ import torch
 
 from ..cache import PagedKVCache
 from ..metadata import AttentionMetadata
-from .batch import build_step_inputs, next_power_of_two
+from .batch import build_step_inputs, flatten_chunks, next_power_of_two
 from .scheduler import Scheduled
 
 MIN_TOKEN_BUCKET = 8
@@ -84,11 +84,8 @@ class GraphedStep:
     def __call__(self, plan: Sequence[Scheduled]) -> torch.Tensor:
         from ..graphs import BatchLayout
 
-        ids = [t for item in plan for t in item.chunk.tokens]
-        positions = [p for item in plan for p in range(item.chunk.start, item.chunk.start + len(item.chunk.tokens))]
-        seq_lens = [item.chunk.start + len(item.chunk.tokens) for item in plan]
-        tables = [list(item.chunk.blocks[: -(-n // self.block_size)]) for item, n in zip(plan, seq_lens)]
-        batch = BatchLayout([len(item.chunk.tokens) for item in plan], seq_lens, tables)
+        ids, positions, query_lens, seq_lens, tables = flatten_chunks([item.chunk for item in plan], self.block_size)
+        batch = BatchLayout(query_lens, seq_lens, tables)
         token_inputs = [torch.tensor(ids, dtype=torch.int64, device=self.device),
                         torch.tensor(positions, dtype=torch.int64, device=self.device)]
         return self.runner.run(token_inputs, batch)
