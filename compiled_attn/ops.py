@@ -103,3 +103,70 @@ def store_kv(
 ) -> None:
     """``kv_cache[:, slot // bs, slot % bs] = quantize(k, v)`` for each token whose slot is not -1."""
     _store_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+
+
+# ---- functional twins (for export: the exporter cannot take ops that mutate their inputs) ----
+# Schema choices, for torch-tensorrt's plugin generation (tensors first; Tensor/int/float/bool/
+# str only): ``alibi_slopes`` is a required tensor, empty (``[0]``) for no ALiBi.
+
+
+@torch.library.custom_op("compiled_attn::attention_functional", mutates_args=())
+def attention_functional(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    alibi_slopes: torch.Tensor,
+    backend: str,
+    scale: float,
+    sliding_window: int,
+    logits_soft_cap: float,
+    max_query_len: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``compiled_attn::attention`` without side effects: returns ``(out [T, H, D], new_kv_cache)``.
+
+    Equivalent PyTorch code::
+
+        new_kv_cache = kv_cache.clone(); out = torch.empty_like(q)
+        torch.ops.compiled_attn.attention(q, k, v, new_kv_cache, ..., out, ...)
+        return out, new_kv_cache
+
+    ``alibi_slopes`` is ``[H]`` float32, or empty (``[0]``) for no ALiBi.
+    """
+    new_cache = kv_cache.clone()
+    out = torch.empty_like(q)
+    # The mutating op itself (its checks, its backend dispatch) on the copy: the two never diverge.
+    torch.ops.compiled_attn.attention.default(
+        q, k, v, new_cache, query_start_loc, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
+        alibi_slopes if alibi_slopes.numel() else None, backend, scale, sliding_window, logits_soft_cap,
+        max_query_len,
+    )
+    return out, new_cache
+
+
+@attention_functional.register_fake
+def _(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, k_scale, v_scale, alibi_slopes,
+      backend, scale, sliding_window, logits_soft_cap, max_query_len):
+    return torch.empty_like(q), torch.empty_like(kv_cache)
+
+
+@torch.library.custom_op("compiled_attn::store_kv_functional", mutates_args=())
+def store_kv_functional(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor, v_scale: torch.Tensor,
+) -> torch.Tensor:
+    """``compiled_attn::store_kv`` without side effects: returns the new cache."""
+    new_cache = kv_cache.clone()
+    torch.ops.compiled_attn.store_kv.default(k, v, new_cache, slot_mapping, k_scale, v_scale)
+    return new_cache
+
+
+@store_kv_functional.register_fake
+def _(k, v, kv_cache, slot_mapping, k_scale, v_scale):
+    return torch.empty_like(kv_cache)
