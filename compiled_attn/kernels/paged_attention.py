@@ -245,7 +245,8 @@ def _reduce_splits_kernel(
         valid = tl.load(seq_lens_ptr + t) > 0
     else:
         valid = t < tl.load(query_start_loc_ptr + num_seqs)
-    s_mask = (offs_s < NUM_SPLITS) & valid
+    # One comparison, not `& valid`: triton 3.9's interpreter turns block & scalar into an int32 mask.
+    s_mask = offs_s < tl.where(valid, NUM_SPLITS, 0)
     row = (offs_s.to(tl.int64) * num_tokens + t) * NUM_HEADS + h
     m_s = tl.load(part_m_ptr + row, mask=s_mask, other=float("-inf"))
     l_s = tl.load(part_l_ptr + row, mask=s_mask, other=0.0)
