@@ -9,6 +9,7 @@ prints its largest difference from PyTorch.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 
 import torch
@@ -45,6 +46,9 @@ def run_export(args: argparse.Namespace) -> int:
     from .functional import metadata_dynamic_shapes
     from .onnx import to_onnx
 
+    from tqdm.auto import tqdm
+
+    stages = tqdm(total=3 if args.verify else 2, desc="building the model", unit="stage", leave=False)
     overrides = {} if args.layers is None else {"num_layers": args.layers}
     config = LlamaConfig.preset(args.model, **overrides)
     # fp32 on the CPU: the exported graph's dtype is the example's; attention is lowered, so the backend is moot.
@@ -78,19 +82,27 @@ def run_export(args: argparse.Namespace) -> int:
     if args.dynamic:
         tokens, seqs, width = Dim("num_tokens", min=2), Dim("num_seqs", min=2), Dim("max_blocks", min=2)
         dynamic = ({0: tokens}, {0: tokens}, None, metadata_dynamic_shapes(tokens, seqs, width), {0: seqs})
+    stages.update()
+    stages.set_description("exporting (torch.export, then ONNX)")
     onnx_model = to_onnx(model, example, args.output, target=args.target, opset=args.opset,
                          output_names=["logits"], dynamic_shapes=dynamic)
+    stages.update()
     ops = sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in onnx_model.graph.node})
-    print(f"wrote {args.output}: {config.num_layers} layers, {args.phase} step of {num_tokens} tokens / "
+    stages.write(f"wrote {args.output}: {config.num_layers} layers, {args.phase} step of {num_tokens} tokens / "
           f"{args.num_seqs} sequences{' (dynamic shapes)' if args.dynamic else ''}, target {args.target}")
-    print(f"inputs: {', '.join(i.name for i in onnx_model.graph.input)}")
-    print(f"outputs: {', '.join(o.name for o in onnx_model.graph.output)}")
-    print(f"{len(onnx_model.graph.node)} nodes; ops: {', '.join(ops)}")
+    stages.write(f"inputs: {', '.join(i.name for i in onnx_model.graph.input)}")
+    stages.write(f"outputs: {', '.join(o.name for o in onnx_model.graph.output)}")
+    opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in onnx_model.opset_import)
+    stages.write(f"{os.path.getsize(args.output) / 2**20:.1f} MiB, opsets: {opsets}")
+    stages.write(f"{len(onnx_model.graph.node)} nodes; ops: {', '.join(ops)}")
     if args.verify:
         if args.target != "onnxruntime":
-            print("--verify runs ONNX Runtime, which has no PagedAttention plugin: skipped for target tensorrt")
+            stages.write("--verify runs ONNX Runtime, which has no PagedAttention plugin: skipped for target tensorrt")
+            stages.close()
             return 0
         import onnxruntime as ort
+
+        stages.set_description("verifying in ONNX Runtime")
 
         session = ort.InferenceSession(args.output, providers=["CPUExecutionProvider"])
         tensors = [t for t in torch.utils._pytree.tree_leaves(example) if isinstance(t, torch.Tensor)]
@@ -98,6 +110,8 @@ def run_export(args: argparse.Namespace) -> int:
         expected_cache = cache.kv.clone()
         with torch.no_grad():
             expected = model(step.input_ids, step.positions, expected_cache, step.meta, step.logits_index)
-        print(f"onnxruntime vs torch: max |logits error| {abs(logits - expected.numpy()).max():.3g}, "
+        stages.update()
+        stages.write(f"onnxruntime vs torch: max |logits error| {abs(logits - expected.numpy()).max():.3g}, "
               f"max |cache error| {abs(new_cache - expected_cache.numpy()).max():.3g}")
+    stages.close()
     return 0
