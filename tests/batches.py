@@ -26,6 +26,7 @@ BATCH_SPECS: dict[str, tuple[list[int], list[int]]] = {
 
 # One tolerance rule: ||out - ref|| / ||ref|| per compute dtype.
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+ALIBI4 = [2.0 ** (-8 * (h + 1) / 4) for h in range(4)]  # the standard ALiBi slopes of 4 heads
 POISON = 448.0  # finite in every cache dtype (fp8 e4m3 max), far from N(0, 1) data
 
 

@@ -8,9 +8,8 @@ import torch
 import compiled_attn as ca
 from compiled_attn import ops
 from compiled_attn.backends import BACKENDS
-from batches import BATCH_SPECS, POISON, TOLERANCE, make_batch, rel_error, textbook_attention
+from batches import ALIBI4, BATCH_SPECS, POISON, TOLERANCE, make_batch, rel_error, textbook_attention
 
-ALIBI4 = [2.0 ** (-8 * (h + 1) / 4) for h in range(4)]
 LAYERS = {
     "mha_d64": ca.AttentionSpec(num_heads=4, num_kv_heads=4, head_size=64),
     "gqa4_d32": ca.AttentionSpec(num_heads=8, num_kv_heads=2, head_size=32),

@@ -34,9 +34,8 @@ from compiled_attn.backends import BACKENDS, PRIORITY, select_backend
 from compiled_attn.backends import flash_attn as flash_backend_module
 from compiled_attn.backends.flash_attn import FlashAttnBackend, flash_window
 from compiled_attn.backends.xformers import XFormersBackend
-from batches import BATCH_SPECS, POISON, TOLERANCE, make_batch, rel_error
+from batches import ALIBI4, BATCH_SPECS, POISON, TOLERANCE, make_batch, rel_error
 
-ALIBI4 = [2.0 ** (-8 * (h + 1) / 4) for h in range(4)]
 LAYERS = {
     "gqa4_d128": ca.AttentionSpec(num_heads=8, num_kv_heads=2, head_size=128),
     "mqa_d64": ca.AttentionSpec(num_heads=4, num_kv_heads=1, head_size=64),
