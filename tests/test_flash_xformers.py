@@ -520,6 +520,15 @@ def test_flash_forward_refuses(fake_flash, feature):
     assert fake_flash.calls == []
 
 
+def test_xformers_refuses_steps_over_its_launch_limit(fake_xformers, monkeypatch):
+    batch = make_batch("mixed", LAYERS["gqa4_d128"], dtype=torch.bfloat16, block_size=64)
+    # 24 tokens x 2 KV heads = 48 launch rows: over a limit of 40, a clear error before any launch.
+    monkeypatch.setattr(XFormersBackend, "max_launch_rows", 40)
+    with pytest.raises(ValueError, match="24 tokens x 2 KV heads .* keep steps to 20 tokens"):
+        run_op("xformers", batch)
+    assert fake_xformers.calls == []
+
+
 @pytest.mark.parametrize("name", ["flash_attn", "xformers"])
 def test_forward_refuses_unsupported_pages(fake_flash, fake_xformers, name):
     # A layer built without block_size passes selection; the cache's page size is checked at the call.

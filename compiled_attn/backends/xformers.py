@@ -140,6 +140,10 @@ class XFormersBackend(AttentionBackend):
     features = frozenset({"sliding_window"})
     required_packages = ("xformers",)
     min_compute_capability = (8, 0)  # triton_splitk.FwOp.CUDA_MINIMUM_COMPUTE_CAPABILITY
+    max_launch_rows: ClassVar[int] = 65535
+    """CUDA's grid-y limit: triton_splitk launches one grid row per (token, KV head) here, and a
+    larger step fails inside the kernel launch ("invalid argument", seen at 16k tokens x 8 heads)."""
+
     @classmethod
     def block_size_reason(cls, block_size: int) -> str | None:
         """Why pages of ``block_size`` tokens cannot be served, or None."""
@@ -181,8 +185,13 @@ class XFormersBackend(AttentionBackend):
     @classmethod
     def forward(cls, q, k, v, kv_cache, meta: AttentionMetadata, out, *, scale, sliding_window, logits_soft_cap,
                 alibi_slopes, k_scale, v_scale) -> None:
+        num_tokens, kv_heads = q.shape[0], kv_cache.shape[3]
+        if num_tokens * kv_heads > cls.max_launch_rows:  # static shapes: free under compile and capture
+            raise ValueError(
+                f"xformers: a step of {num_tokens} tokens x {kv_heads} KV heads needs more launch rows than "
+                f"CUDA allows ({cls.max_launch_rows}); keep steps to {cls.max_launch_rows // kv_heads} tokens "
+                "(chunked prefill) or use another backend")
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
-        num_tokens = q.shape[0]
         if num_tokens == 0:
             return
         seq, pos, valid = token_layout(meta, num_tokens)
