@@ -1,7 +1,7 @@
 """compiled_attn: paged attention for LLM inference, one contract over many backends,
 whole under torch.compile, CUDA graphs and export."""
 
-from . import ops
+from . import models, ops
 from .backends import available_backends, select_backend
 from .graphs import BatchLayout, CUDAGraphRunner
 from .cache import BlockAllocator, CacheFullError, PagedKVCache
@@ -19,6 +19,7 @@ __all__ = [
     "CacheFullError",
     "PagedKVCache",
     "available_backends",
+    "models",
     "ops",
     "select_backend",
 ]

@@ -50,3 +50,4 @@ def test_fp8_cache_dtype():
     spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, kv_cache_dtype="fp8_e4m3")
     cache = PagedKVCache(num_layers=1, num_blocks=2, block_size=4, spec=spec, dtype=torch.bfloat16)
     assert cache.layer(0).dtype == torch.float8_e4m3fn
+
