@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 
-
 def test_public_names():
     import compiled_attn as ca
 
