@@ -131,6 +131,31 @@ def _store_result(
 
 
 @triton.jit
+def _score_params(scale, softcap, k_scale_ptr, slopes_ptr, head, row_valid,
+                  BLOCK_M: tl.constexpr, IS_FP8: tl.constexpr, USE_ALIBI: tl.constexpr):
+    """(score scale, soft-cap, per-row ALiBi slopes), all fp32. Inductor may hand Python floats to
+    user kernels as fp64 scalars: the casts keep fp64 out of the loop-carried softmax state."""
+    qk_scale = tl.cast(scale, tl.float32)
+    softcap = tl.cast(softcap, tl.float32)
+    if IS_FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
+    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slopes = tl.load(slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
+    return qk_scale, softcap, slopes
+
+
+@triton.jit
+def _split_tiles(first_tile, last_tile, split, NUM_SPLITS: tl.constexpr):
+    """This program's share ``[first, last)`` of the key tiles (flash-decoding), equal slices."""
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tl.maximum(last_tile - first_tile, 0), NUM_SPLITS)
+        first_tile = first_tile + split * per_split
+        last_tile = tl.minimum(first_tile + per_split, last_tile)
+    return first_tile, last_tile
+
+
+@triton.jit
 def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
     """The last sequence ``s`` with ``query_start_loc[s] // BLOCK_Q + s <= q_block``."""
     lo: tl.int32 = 0
@@ -190,26 +215,14 @@ def _paged_attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    # Inductor may hand Python floats to user kernels as fp64 scalars: fix the types here, or
-    # fp64 would spread into the loop-carried softmax state.
-    qk_scale = tl.cast(scale, tl.float32)
-    softcap = tl.cast(softcap, tl.float32)
-    if IS_FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
-    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if USE_ALIBI:
-        slopes = tl.load(slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
+    qk_scale, softcap, slopes = _score_params(scale, softcap, k_scale_ptr, slopes_ptr, head, row_valid,
+                                              BLOCK_M, IS_FP8, USE_ALIBI)
 
     key_end = context + tl.minimum((local + 1) * BLOCK_Q, q_len)  # last query's position + 1
     key_start = 0
     if USE_WINDOW:
         key_start = tl.maximum(context + local * BLOCK_Q - window + 1, 0)
-    first_tile = key_start // TILE_N
-    last_tile = tl.cdiv(key_end, TILE_N)
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(last_tile - first_tile, NUM_SPLITS)
-        first_tile = first_tile + split * per_split
-        last_tile = tl.minimum(first_tile + per_split, last_tile)
+    first_tile, last_tile = _split_tiles(key_start // TILE_N, tl.cdiv(key_end, TILE_N), split, NUM_SPLITS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

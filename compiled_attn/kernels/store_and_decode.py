@@ -25,6 +25,8 @@ from .paged_attention import (
     DECODE_BLOCK_M,
     _attend_tile,
     _reduce_splits_kernel,
+    _score_params,
+    _split_tiles,
     _store_result,
     _tanh,
     check_attention_args,
@@ -86,15 +88,8 @@ def _store_and_decode_kernel(
                 mask=row_valid[:, None] & d_ok[None, :], other=0.0)
     if DOT_FP32:
         q = q.to(tl.float32)
-    # Inductor may hand Python floats to user kernels as fp64 scalars: fix the types here, or
-    # fp64 would spread into the loop-carried softmax state.
-    qk_scale = tl.cast(scale, tl.float32)
-    softcap = tl.cast(softcap, tl.float32)
-    if IS_FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr).to(tl.float32)
-    slopes = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if USE_ALIBI:
-        slopes = tl.load(slopes_ptr + head, mask=row_valid, other=0.0).to(tl.float32)
+    qk_scale, softcap, slopes = _score_params(scale, softcap, k_scale_ptr, slopes_ptr, head, row_valid,
+                                              BLOCK_M, IS_FP8, USE_ALIBI)
 
     # Split 0 starts from the new key (position pos, ALiBi bias 0, always visible).
     pos = seq_len - 1
@@ -110,12 +105,7 @@ def _store_and_decode_kernel(
     key_start = 0
     if USE_WINDOW:
         key_start = tl.maximum(pos - window + 1, 0)
-    first_tile = key_start // TILE_N
-    last_tile = tl.cdiv(pos, TILE_N)
-    if NUM_SPLITS > 1:
-        per_split = tl.cdiv(tl.maximum(last_tile - first_tile, 0), NUM_SPLITS)
-        first_tile = first_tile + split * per_split
-        last_tile = tl.minimum(first_tile + per_split, last_tile)
+    first_tile, last_tile = _split_tiles(key_start // TILE_N, tl.cdiv(pos, TILE_N), split, NUM_SPLITS)
     q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + pos
     bt_row_ptr = block_table_ptr + b * s_bt
     for tile in range(first_tile, last_tile):
