@@ -1,0 +1,83 @@
+"""The Triton kernels compile for an H100 (sm_90) on a machine without a GPU: Triton's own ptxas
+turns them into cubins, so a kernel that only breaks the compiled path fails here, not on the GPU."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="the kernels are Triton kernels")
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError:  # pragma: no cover - an older/newer Triton layout
+    pytest.skip("this Triton has no ahead-of-time compile API", allow_module_level=True)
+
+from compiled_attn.kernels import paged_attention as pa  # noqa: E402
+from compiled_attn.kernels import store_and_decode as sd  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+FLOAT_ARGS = ("scale", "softcap")
+INT64_PTRS = ("slot_ptr",)
+INT32_PTRS = ("query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr")
+
+
+def _signature(kernel, constexprs: dict, kv: str) -> dict[str, str]:
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in INT64_PTRS:
+            sig[name] = "*i64"
+        elif name in INT32_PTRS:
+            sig[name] = "*i32"
+        elif name == "cache_ptr":
+            sig[name] = kv
+        elif name in ("q_ptr", "k_ptr", "v_ptr", "out_ptr"):
+            sig[name] = "*bf16"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def _compile(kernel, constexprs: dict, kv: str, num_warps: int = 4, num_stages: int = 2):
+    source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, kv), constexprs=constexprs)
+    try:
+        compiled = triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+    except RuntimeError as err:
+        if "ptxas" in str(err) and "not found" in str(err).lower():
+            pytest.skip(f"no ptxas here: {err}")
+        raise
+    assert compiled.asm["cubin"], "no machine code"
+
+
+FEATURES = dict(USE_WINDOW=True, USE_ALIBI=True, USE_SOFTCAP=True, DOT_FP32=False)
+
+
+@pytest.mark.parametrize("head_size", [80, 128, 256])
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("shape", ["decode_split4", "prefill"])
+def test_paged_attention_compiles_for_sm90(shape, fp8, head_size):
+    head_pad = triton.next_power_of_2(head_size)
+    decode = shape.startswith("decode")
+    constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=16,
+                      BLOCK_M=16 if decode else pa.PREFILL_BLOCK_M, BLOCK_Q=4 if decode else pa.PREFILL_BLOCK_M // 4,
+                      TILE_N=pa.DECODE_TILE_N_GPU if decode else pa.TILE_N_GPU, NUM_SPLITS=4 if decode else 1,
+                      IS_FP8=fp8)
+    if head_size > 128:
+        constexprs["TILE_N"] = pa.TILE_N_GPU_LARGE_HEAD
+    stages = pa.DECODE_NUM_STAGES if decode else pa.NUM_STAGES
+    _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", num_stages=stages)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_store_and_decode_compiles_for_sm90(fp8, splits):
+    constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
+                      TILE_N=pa.DECODE_TILE_N_GPU, NUM_SPLITS=splits, IS_FP8=fp8, FP8_MAX=448.0, ROUND_FP8=False)
+    _compile(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", num_stages=pa.DECODE_NUM_STAGES)
