@@ -133,9 +133,9 @@ def test_replay_equals_eager_on_gpu(backend):
                              max_num_seqs=8, decode_buckets=[1, 2, 4, 8], prefill_buckets=[8, 16], device="cuda")
     runner.capture()
     g = torch.Generator().manual_seed(1)
-    for step_index in range(6):
-        num_seqs = int(torch.randint(1, 9, (1,), generator=g))
-        decode = step_index % 2 == 1
+    # Every batch size of every decode bucket, and prefill steps of every sequence count, in one
+    # run: the cache and block tables change from step to step.
+    for num_seqs, decode in [(n, d) for n in range(1, 9) for d in (True, False)]:
         query_lens = [1] * num_seqs if decode else torch.randint(1, 3, (num_seqs,), generator=g).tolist()
         seq_lens = [q + int(torch.randint(0, 40, (1,), generator=g)) for q in query_lens]
         blocks = torch.randperm(32, generator=g).tolist()
