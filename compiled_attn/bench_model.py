@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         hf_model = transformers.LlamaForCausalLM(hf_config).to(torch.bfloat16).eval()
     model = LlamaForCausalLM.from_hf(hf_model, backend=args.backend, device="cuda", dtype=torch.bfloat16)
     report = {"card": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "transformers": transformers.__version__, "backend": model.layers[0].self_attn.attn.backend.name,
+              "transformers": transformers.__version__, "backend": model.backend_name,
               "context": args.context, "command": "compiled-attn " + " ".join(sys.argv[1:]),
               "rows": []}
     with torch.no_grad():
