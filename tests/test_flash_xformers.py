@@ -512,6 +512,18 @@ def test_flash_decode_arguments(fake_flash):
     assert torch.equal(call["q"][real.nonzero()[:, 0], 0], batch.q[starts[real]])
 
 
+@pytest.mark.parametrize("spec_name", DECODE_SPECS)
+def test_flash_decode_layout_passes_q_as_is(fake_flash, spec_name):
+    """A decode bucket's layout (token i in sequence i, padding sequences last): no gather/scatter."""
+    batch = make_batch(spec_name, LAYERS["gqa4_d128"], dtype=torch.bfloat16, block_size=FLASH_PAGE,
+                       pad_tokens=2, pad_seqs=2)
+    meta = decode_meta(batch)
+    assert batch.q.shape[0] == meta.num_seqs
+    assert_matches_reference("flash_attn", batch, meta)
+    (call,) = fake_flash.calls
+    assert call["kind"] == "kvcache" and call["q"].data_ptr() == batch.q.data_ptr()
+
+
 @pytest.mark.parametrize("feature", ["fp8_kv", "alibi_soft_cap"])
 def test_flash_forward_refuses(fake_flash, feature):
     batch = make_batch("mixed", LAYERS[feature], dtype=torch.bfloat16, block_size=FLASH_PAGE)
@@ -590,6 +602,18 @@ def test_xformers_adapter_matches_reference(fake_xformers, spec_name, layer, dty
     batch = make_batch(spec_name, LAYERS[layer], dtype=dtype, block_size=page, seed=len(spec_name) * 3 + page)
     assert_matches_reference("xformers", batch)
     assert len(fake_xformers.calls) == 1
+
+
+@pytest.mark.parametrize("spec_name", DECODE_SPECS)
+def test_xformers_decode_layout(fake_xformers, spec_name):
+    """A decode bucket's layout reads the block table as it is: row t is sequence t."""
+    batch = make_batch(spec_name, LAYERS["window"], dtype=torch.bfloat16, block_size=64, pad_tokens=2, pad_seqs=2)
+    meta = decode_meta(batch)
+    assert_matches_reference("xformers", batch, meta)
+    (call,) = fake_xformers.calls
+    mask = call["attn_bias"]
+    assert torch.equal(mask.block_tables, meta.block_table)
+    assert mask.k_seqinfo.seqlen.tolist() == meta.seq_lens.tolist()
 
 
 def test_xformers_mask_arguments(fake_xformers):

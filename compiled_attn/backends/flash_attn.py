@@ -4,17 +4,18 @@ The canonical cache ``kv_cache [2, num_blocks, block_size, KVH, D]`` needs no co
 and ``kv_cache[1]`` are exactly flash-attn's paged ``k_cache``/``v_cache`` layout
 ``[num_blocks, page_block_size, KVH, D]``. One step is:
 
-1. **Store** the new K/V through ``slot_mapping`` with ``paged_torch.store_kv`` (the same bytes
-   every backend writes). flash-attn's fused append (``flash_attn_with_kvcache(k=, v=)``) is not
+1. **Store** the new K/V through ``slot_mapping`` with ``store.store_kv`` (one Triton launch on
+   CUDA; the same bytes every backend writes). flash-attn's fused append (``flash_attn_with_kvcache(k=, v=)``) is not
    used: it writes at ``cache_seqlens[b]`` for *every* sequence of the batch, and a padding
    sequence (``seq_len == 0``) cannot be told to store nothing.
 2. **Attend**, choosing the call from static data only (``max_query_len`` is a Python int from the
    bucket, never read from a tensor):
 
-   - ``meta.max_query_len == 1`` (a decode bucket): each sequence's one query is gathered through
-     ``query_start_loc`` and ``flash_attn_with_kvcache(q[B, 1, H, D], k_cache, v_cache,
-     cache_seqlens=seq_lens, block_table=block_table, causal=True, ...)`` runs flash-attn's
-     split-KV decode kernel; results are scattered back to their token rows.
+   - ``meta.max_query_len == 1`` (a decode bucket): ``flash_attn_with_kvcache(q[B, 1, H, D],
+     k_cache, v_cache, cache_seqlens=seq_lens, block_table=block_table, causal=True, ...)`` runs
+     flash-attn's split-KV decode kernel. In the decode layout (one token per sequence, token i
+     in sequence i) ``q`` is passed as it is; otherwise each sequence's query is gathered through
+     ``query_start_loc`` and the results scattered back to their token rows.
    - otherwise ``flash_attn_varlen_func(q, k_cache, v_cache, cu_seqlens_q=query_start_loc,
      cu_seqlens_k=[0, cumsum(seq_lens)], max_seqlen_q=max(max_query_len, 2),
      max_seqlen_k=block_table.shape[1] * block_size, causal=True, block_table=block_table, ...)``.
@@ -52,7 +53,7 @@ import torch.nn.functional as F
 from ..metadata import AttentionMetadata
 from ..spec import AttentionSpec
 from .base import AttentionBackend
-from .paged_torch import store_kv
+from .store import store_kv
 
 # flash_attn_with_kvcache's num_splits: 0 = its own heuristic. FACTS.md (H100, page 256) measured
 # that heuristic 10-15% short of the best fixed split at small and ragged decode batches; a tuned
@@ -235,7 +236,11 @@ class FlashAttnBackend(AttentionBackend):
         slopes = None if alibi_slopes is None else alibi_slopes.float().contiguous()
         block_table = meta.block_table.contiguous()
         starts = meta.query_start_loc
-        if meta.max_query_len == 1:
+        if meta.max_query_len == 1 and num_tokens == meta.seq_lens.shape[0]:
+            # Decode layout: padding sequences (seq_len 0) are the trailing tokens, zeroed below.
+            result = flash_attn_paged_decode(q, k_cache, v_cache, meta.seq_lens, block_table, slopes, scale,
+                                             window_left, softcap, DECODE_NUM_SPLITS)
+        elif meta.max_query_len == 1:
             result = _decode(q, k_cache, v_cache, meta, block_table, slopes, scale, window_left, softcap)
         else:
             cu_seqlens_k = F.pad(torch.cumsum(meta.seq_lens, 0, dtype=torch.int32), (1, 0))

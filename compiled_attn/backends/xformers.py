@@ -4,7 +4,7 @@ xFormers reads a paged cache as ``[1, num_blocks * page_size, G, H, D]`` (its 5-
 G groups = our KV heads, H = query heads per KV head, stride 0 on H), which is a free view of
 ``kv_cache[0]`` / ``kv_cache[1]``. One step is:
 
-1. **Store** the new K/V through ``slot_mapping`` with ``paged_torch.store_kv``.
+1. **Store** the new K/V through ``slot_mapping`` with ``store.store_kv`` (one Triton launch).
 2. **Attend** with one call ``fmha.memory_efficient_attention_forward(q, k, v,
    attn_bias=PagedBlockDiagonalGappyKeysMask(...), scale=scale, op=fmha.triton_splitk.FwOp)``
    in which **every new token is its own row** (one query per row): row t attends to the keys
@@ -44,7 +44,8 @@ import torch
 from ..metadata import AttentionMetadata
 from ..spec import AttentionSpec
 from .base import AttentionBackend
-from .paged_torch import store_kv, token_layout
+from .paged_torch import token_layout
+from .store import store_kv
 
 
 def key_range(pos: torch.Tensor, valid: torch.Tensor, sliding_window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,8 +195,13 @@ class XFormersBackend(AttentionBackend):
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         if num_tokens == 0:
             return
-        seq, pos, valid = token_layout(meta, num_tokens)
+        if meta.max_query_len == 1 and num_tokens == meta.seq_lens.shape[0]:
+            # Decode layout: token i is sequence i's newest position; padding has seq_len 0.
+            valid = meta.seq_lens > 0
+            pos, rows = meta.seq_lens.long() - 1, meta.block_table
+        else:
+            seq, pos, valid = token_layout(meta, num_tokens)
+            rows = meta.block_table[seq]  # [T, max_blocks]: each token reads its sequence's blocks
         key_start, key_end = key_range(pos, valid, sliding_window)
-        rows = meta.block_table[seq]  # [T, max_blocks]: each token reads its sequence's blocks
         result = xformers_paged_rows(q, kv_cache[0], kv_cache[1], rows, key_start, key_end, scale)
         out.copy_(torch.where(valid[:, None, None], result, 0))
