@@ -196,17 +196,21 @@ def measure_ceilings(device: str) -> dict[str, float]:
     return {"copy_GBps": copy, "read_GBps": read, "matmul_TFLOPs": 2 * 8192**3 / mm_us / 1e6}
 
 
-def default_contenders(block_size: int) -> dict[str, Callable[[Workload], Callable[[], None]]]:
+def default_contenders(*, flex: bool = True) -> dict[str, Callable[[Workload], Callable[[], None]]]:
     from torch.nn.attention import SDPBackend
+
+    from .bench_flex import flex_paged_contender
 
     contenders = {f"ours:{name}": backend_contender(name) for name in BACKENDS if name != "reference"}
     contenders["peer:sdpa-cudnn(dense)"] = sdpa_dense_contender(SDPBackend.CUDNN_ATTENTION)
     contenders["peer:sdpa-flash2(dense)"] = sdpa_dense_contender(SDPBackend.FLASH_ATTENTION)
+    if flex:
+        contenders["peer:flex(paged)"] = flex_paged_contender()
     return contenders
 
 
 def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, cases: list[Case] | None = None,
-              fp8: bool = True, device: str = "cuda") -> dict:
+              fp8: bool = True, flex: bool = True, device: str = "cuda") -> dict:
     """Measure every case for every contender that can run it; return the results as a dict."""
     if not torch.cuda.is_available():
         raise RuntimeError("compiled-attn bench needs a CUDA GPU")
@@ -224,7 +228,7 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
             except torch.OutOfMemoryError as err:
                 results.append({"case": case.name, "kv": kv_label, "error": f"workload: {err}"})
                 continue
-            for name, make in default_contenders(block_size).items():
+            for name, make in default_contenders(flex=flex).items():
                 if name.startswith("ours:"):
                     reason = BACKENDS[name[5:]].supports(spec, device=device, dtype=dtype, block_size=block_size)
                     if reason:
@@ -323,7 +327,7 @@ def main(args) -> int:
         with open(args.plot_from) as f:
             report = json.load(f)
     else:
-        report = run_bench(block_size=args.block_size, fp8=not args.no_fp8)
+        report = run_bench(block_size=args.block_size, fp8=not args.no_fp8, flex=not args.no_flex)
         report["command"] = "compiled-attn " + " ".join(sys.argv[1:])
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
@@ -340,6 +344,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark backends and peers on the GPU")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-fp8", action="store_true", help="skip the fp8 KV decode variants")
+    p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (it compiles per case)")
     p.add_argument("--json", default="bench_results.json")
     p.add_argument("--png", default=None, help="write a plot here (needs matplotlib)")
     p.add_argument("--plot-from", default=None, help="only format/plot an existing JSON report")

@@ -39,7 +39,7 @@ try:
 except ImportError:
     pass
 from compiled_attn.cli import main
-sys.exit(main(["bench", "--block-size", "256", "--no-fp8", "--json", sys.argv[1]]))
+sys.exit(main(["bench", "--block-size", "256", "--no-fp8", "--no-flex", "--json", sys.argv[1]]))
 PY
 fi
 if [ "$what" = model ] || [ "$what" = all ]; then

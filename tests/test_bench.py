@@ -1,0 +1,52 @@
+"""The benchmark's own pieces on CPU: workloads and the FlexAttention (paged) peer's correctness."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compiled_attn import bench
+from compiled_attn.bench_flex import flex_paged_contender, page_lists
+from compiled_attn.spec import AttentionSpec
+
+SPEC = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64)
+
+
+def test_page_lists_split_full_and_partial_pages():
+    # 40 new tokens over 60 cached, pages of 16, query blocks of 32: positions 60..91 then 92..99.
+    pages = list(range(100, 107))
+    (full0, part0), (full1, part1) = page_lists(100, 40, pages, 16, 32)
+    assert full0 == pages[:3] and part0 == pages[3:6]  # keys 0..47 seen by all; 48..95 by some
+    assert full1 == pages[:5] and part1 == pages[5:7]
+    # Decode: every page but a partial last one is full.
+    assert page_lists(37, 1, pages[:3], 16, 128) == [(pages[:2], pages[2:3])]
+    assert page_lists(32, 1, pages[:2], 16, 128) == [(pages[:2], [])]
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("case", [
+    bench.Case("decode", "decode", (1,) * 3, (37, 64, 5)),
+    bench.Case("prefill over a prefix", "prefill", (40,) * 2, (40, 100)),
+])
+def test_flex_peer_matches_reference(case, compile):
+    workload = bench.build_workload(case, SPEC, block_size=16, dtype=torch.float32, device="cpu")
+    workload.metas, workload.qkv, workload.outs = workload.metas[:2], workload.qkv[:2], workload.outs[:2]
+    bench.backend_contender("reference")(workload)()  # stores the new K/V (peers do not), then attends
+    expected = [o.clone() for o in workload.outs]
+    for o in workload.outs:
+        o.fill_(float("nan"))
+    flex_paged_contender(compile=compile)(workload)  # runs once while building
+    for got, want in zip(workload.outs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_flex_peer_refuses_ragged_queries_and_fp8():
+    case = bench.Case("mixed", "prefill", (3, 1), (3, 9))
+    workload = bench.build_workload(case, SPEC, block_size=16, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="equal query lengths"):
+        flex_paged_contender(compile=False)(workload)
+    fp8 = AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64, kv_cache_dtype="fp8_e4m3")
+    case = bench.Case("decode", "decode", (1, 1), (3, 9))
+    workload = bench.build_workload(case, fp8, block_size=16, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="no fp8"):
+        flex_paged_contender(compile=False)(workload)
