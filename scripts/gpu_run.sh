@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU machine does in one call: unpack the carried optional packages, print the
 # versions, run the GPU tests and/or the benchmark, and leave logs and results under $OUT.
-#   scripts/gpu_run.sh [tests|bench|model|all] [extra pytest args...]
+#   scripts/gpu_run.sh "[tune] [tests] [bench] [model] | all" [extra pytest args...]
+# (several steps in one call: scripts/gpu_run.sh "tune tests"; TUNE_BUDGET_S bounds the sweep)
 # bench: pages of 16 (our kernels, fp8 too) and of 256 (where flash-attn and xFormers can join).
 # xformers 0.0.35's extension does not load under this torch; its Triton kernels still run once
 # the package is told CUDA works -- done here, in the harness, never in the library.
@@ -26,10 +27,14 @@ for name, state in ca.available_backends(device="cuda", dtype=torch.bfloat16).it
     print(f"  backend {name}: {state}")
 PY
 status=0
-if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest tests -m gpu -q -rs "$@" 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+wants() { [ "$what" = all ] || [[ " $what " == *" $1 "* ]]; }
+if wants tune; then
+  python3 scripts/tune_kernels.py --json "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-240}" 2>&1 | tee "$OUT/tune.log" || status=1
 fi
-if [ "$what" = bench ] || [ "$what" = all ]; then
+if wants tests; then
+  python3 -m pytest tests -m gpu -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+fi
+if wants bench; then
   python3 -m compiled_attn bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
   python3 - "$OUT/bench_page256.json" <<'PY' 2>&1 | tee "$OUT/bench_page256.log" || status=1
 import sys
@@ -42,7 +47,7 @@ from compiled_attn.cli import main
 sys.exit(main(["bench", "--block-size", "256", "--no-fp8", "--no-flex", "--json", sys.argv[1]]))
 PY
 fi
-if [ "$what" = model ] || [ "$what" = all ]; then
+if wants model; then
   python3 -m compiled_attn bench-model --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log" || status=1
 fi
 exit $status

@@ -11,7 +11,8 @@ onward (one per ``BLOCK_Q`` of its new tokens), found by a binary search over
 A program's tile packs ``BLOCK_Q`` query tokens × the ``G`` query heads of one KV head
 (``BLOCK_M = BLOCK_Q * G`` rows, GQA), so every K/V tile is read once per KV group. It walks
 the sequence's keys ``TILE_N`` at a time (each key row finds its cache block through the block
-table), causal, optionally windowed, with an online softmax in fp32.
+table), causal, optionally windowed, with an online softmax in fp32 (log2 units: ``exp2`` only). Tiles wholly below the causal
+diagonal run without bounds checks or masks; only the diagonal tiles pay for them.
 
 Split-KV (flash-decoding): when the batch is decode-like (``max_query_len`` small) and too small
 to fill the GPU, axis 2 splits each query block's key range into ``num_splits`` equal parts;
@@ -67,6 +68,9 @@ def _tanh(x):
     return tl.where(x >= 0, t, -t)
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units
+
+
 @triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
@@ -74,40 +78,73 @@ def _attend_tile(
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """One online-softmax step over keys ``[tile * TILE_N, (tile + 1) * TILE_N) ∩ [0, key_end)``."""
+    """One online-softmax step over keys ``[tile * TILE_N, (tile + 1) * TILE_N) ∩ [0, key_end)``.
+
+    Scores and the running max ``m_i`` are in log2 units (``exp2`` only). ``MASKED=False`` is for
+    tiles every row sees whole (below the causal diagonal, inside the sequence, no window): no
+    bounds on the loads and no visibility mask, which keeps the softmax's ALU work to the minimum.
+    Rows outside the tile's queries then carry finite junk that is never stored.
+    """
     offs_n = tile * TILE_N + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_PAD)
-    key_ok = offs_n < key_end
-    # Block ids only for keys in range: never reads table entries past the sequence's last block.
-    block = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    d_ok = offs_d < HEAD
+    if MASKED:
+        key_ok = offs_n < key_end
+        # Block ids only for keys in range: never reads table entries past the sequence's last block.
+        block = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    else:
+        block = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE).to(tl.int64)
     kv_off = (block * s_cb + (offs_n % BLOCK_SIZE) * s_cs)[:, None] + kvh * s_ch + offs_d[None, :] * s_cd
-    kv_mask = key_ok[:, None] & (offs_d < HEAD)[None, :]
-    k = tl.load(cache_ptr + kv_off, mask=kv_mask, other=0.0)
-    v = tl.load(cache_ptr + s_ckv + kv_off, mask=kv_mask, other=0.0)
+    if MASKED:
+        kv_mask = key_ok[:, None] & d_ok[None, :]
+        k = tl.load(cache_ptr + kv_off, mask=kv_mask, other=0.0)
+        v = tl.load(cache_ptr + s_ckv + kv_off, mask=kv_mask, other=0.0)
+    elif HEAD == HEAD_PAD:
+        k = tl.load(cache_ptr + kv_off)
+        v = tl.load(cache_ptr + s_ckv + kv_off)
+    else:
+        k = tl.load(cache_ptr + kv_off, mask=d_ok[None, :], other=0.0)
+        v = tl.load(cache_ptr + s_ckv + kv_off, mask=d_ok[None, :], other=0.0)
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
         s = tl.dot(q, tl.trans(k.to(q.dtype)))
-    s = s * qk_scale
-    if USE_ALIBI:
-        s += slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
-    if USE_SOFTCAP:
-        s = softcap * _tanh(s / softcap)
-    visible = row_valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-    if USE_WINDOW:
-        visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
-    s = tl.where(visible, s, float("-inf"))
+    if USE_SOFTCAP:  # the cap applies to natural-unit scores (ALiBi bias included)
+        s = s * qk_scale
+        if USE_ALIBI:
+            s += slopes[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
+        s = (softcap * LOG2E) * _tanh(s / softcap)
+    else:
+        s = s * (qk_scale * LOG2E)
+        if USE_ALIBI:
+            s += (slopes * LOG2E)[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
+    if MASKED:
+        visible = row_valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+        s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
-    p = tl.exp2((s - m_safe[:, None]) * 1.4426950408889634)
-    alpha = tl.exp2((m_i - m_safe) * 1.4426950408889634)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if DOT_FP32:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
+
+
+@triton.jit
+def _unmasked_tiles_end(first_tile, last_tile, first_query_pos, TILE_N: tl.constexpr, USE_WINDOW: tl.constexpr):
+    """Tiles ``[first_tile, end)`` need no mask: every key in them is at or before the block's
+    first query (windows keep every tile masked). Clamped to ``[first_tile, last_tile]``."""
+    end = first_tile
+    if not USE_WINDOW:
+        end = (first_query_pos + 1) // TILE_N
+    return tl.minimum(tl.maximum(end, first_tile), last_tile)
 
 
 @triton.jit
@@ -228,11 +265,18 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     bt_row_ptr = block_table_ptr + seq.to(tl.int64) * s_bt
-    for tile in range(first_tile, last_tile):
+    mid_tile = _unmasked_tiles_end(first_tile, last_tile, context + local * BLOCK_Q, TILE_N, USE_WINDOW)
+    for tile in range(first_tile, mid_tile):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
             qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
+        )
+    for tile in range(mid_tile, last_tile):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True,
         )
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
@@ -266,7 +310,7 @@ def _reduce_splits_kernel(
     acc_s = tl.load(part_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], mask=s_mask[:, None], other=0.0)
     m = tl.max(m_s, axis=0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2((m_s - m) * 1.4426950408889634)
+    w = tl.exp2(m_s - m)  # partial maxima are in log2 units
     l_total = tl.sum(w * l_s, axis=0)
     o = tl.sum(w[:, None] * acc_s, axis=0) / tl.where(l_total == 0.0, 1.0, l_total)
     dst = out_ptr + t.to(tl.int64) * s_ot + h * s_oh + offs_d * s_od

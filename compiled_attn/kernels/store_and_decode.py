@@ -26,9 +26,11 @@ from .paged_attention import (
     _attend_tile,
     _reduce_splits_kernel,
     _score_params,
+    LOG2E,
     _split_tiles,
     _store_result,
     _tanh,
+    _unmasked_tiles_end,
     check_attention_args,
     choose_num_splits,
     num_sms,
@@ -96,6 +98,7 @@ def _store_and_decode_kernel(
     s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * qk_scale
     if USE_SOFTCAP:
         s_new = softcap * _tanh(s_new / softcap)
+    s_new = s_new * LOG2E  # the softmax state is in log2 units (see _attend_tile)
     seeded = row_valid & (split == 0)
     m_i = tl.where(seeded, s_new, float("-inf"))
     l_i = tl.where(seeded, 1.0, 0.0)
@@ -108,11 +111,19 @@ def _store_and_decode_kernel(
     first_tile, last_tile = _split_tiles(key_start // TILE_N, tl.cdiv(pos, TILE_N), split, NUM_SPLITS)
     q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + pos
     bt_row_ptr = block_table_ptr + b * s_bt
-    for tile in range(first_tile, last_tile):
+    # Every cached key is before the query: only the tile holding key pos - 1 needs bounds.
+    mid_tile = _unmasked_tiles_end(first_tile, last_tile, pos - 1, TILE_N, USE_WINDOW)
+    for tile in range(first_tile, mid_tile):
         acc, m_i, l_i = _attend_tile(
             acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, pos, q_pos, row_valid, slopes,
             qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
+        )
+    for tile in range(mid_tile, last_tile):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, pos, q_pos, row_valid, slopes,
+            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True,
         )
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
