@@ -28,11 +28,11 @@ for name, state in ca.available_backends(device="cuda", dtype=torch.bfloat16).it
 PY
 status=0
 wants() { [ "$what" = all ] || [[ " $what " == *" $1 "* ]]; }
-if wants tune; then
-  python3 scripts/tune_kernels.py --json "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-240}" 2>&1 | tee "$OUT/tune.log" || status=1
-fi
 if wants tests; then
   python3 -m pytest tests -m gpu -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+fi
+if wants tune; then
+  python3 scripts/tune_kernels.py --json "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-240}" 2>&1 | tee "$OUT/tune.log" || status=1
 fi
 if wants bench; then
   python3 -m compiled_attn bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
