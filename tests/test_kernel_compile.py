@@ -63,21 +63,20 @@ FEATURES = dict(USE_WINDOW=True, USE_ALIBI=True, USE_SOFTCAP=True, DOT_FP32=Fals
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("shape", ["decode_split4", "prefill"])
 def test_paged_attention_compiles_for_sm90(shape, fp8, head_size):
-    head_pad = triton.next_power_of_2(head_size)
     decode = shape.startswith("decode")
-    constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=16,
-                      BLOCK_M=16 if decode else pa.PREFILL_BLOCK_M, BLOCK_Q=4 if decode else pa.PREFILL_BLOCK_M // 4,
-                      TILE_N=pa.DECODE_TILE_N_GPU if decode else pa.TILE_N_GPU, NUM_SPLITS=4 if decode else 1,
-                      IS_FP8=fp8)
-    if head_size > 128:
-        constexprs["TILE_N"] = pa.TILE_N_GPU_LARGE_HEAD
-    stages = pa.DECODE_NUM_STAGES if decode else pa.NUM_STAGES
-    _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", num_stages=stages)
+    block_m, block_q, tile_n, warps, stages = pa.tile_config(
+        num_queries_per_kv=4, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False, fp8=fp8)
+    constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
+                      BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
+                      NUM_SPLITS=4 if decode else 1, IS_FP8=fp8)
+    _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("splits", [1, 4])
 def test_store_and_decode_compiles_for_sm90(fp8, splits):
-    constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_M=16,
-                      TILE_N=pa.DECODE_TILE_N_GPU, NUM_SPLITS=splits, IS_FP8=fp8, FP8_MAX=448.0, ROUND_FP8=False)
-    _compile(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", num_stages=pa.DECODE_NUM_STAGES)
+    block_m, _, tile_n, warps, stages = pa.tile_config(
+        num_queries_per_kv=4, head_size=128, max_query_len=1, interpret=False, fp8=fp8)
+    constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_M=block_m,
+                      TILE_N=tile_n, NUM_SPLITS=splits, IS_FP8=fp8, FP8_MAX=448.0, ROUND_FP8=False)
+    _compile(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)

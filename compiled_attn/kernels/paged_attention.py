@@ -38,21 +38,22 @@ import triton.language as tl
 from . import _jit
 
 # ---- tunables (not autotuned: one config per static shape keeps CUDA-graph capture simple) ----
-PREFILL_BLOCK_M = 64  # query rows (tokens x heads of a group) per program in prefill; FA2-style tile
+# Values from benchmarks/tune_h100.json (H100, scripts/tune_kernels.py, graph-replayed).
+PREFILL_BLOCK_M = 128  # query rows (tokens x heads of a group) per program in prefill
 DECODE_BLOCK_M = 16  # smallest tl.dot M; decode rows are G heads of one token
 TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128), prefill-shaped steps
 DECODE_TILE_N_GPU = 64  # the same for decode-shaped steps (max_query_len <= SPLIT_MAX_QUERY_LEN)
-# Decode values from benchmarks/tune_h100.json (H100, scripts/tune_kernels.py): 64 keys x 4 stages
-# was best or within 1% at (32, 4096) bf16 and (64, 16384) fp8; 2 stages left fp8 40% slower.
+DECODE_TILE_N_GPU_FP8 = 128  # fp8 K/V: twice the keys for the same bytes per tile
 TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
 TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
 PREFILL_NUM_WARPS = 4
 DECODE_NUM_WARPS = 4
-NUM_STAGES = 2  # software pipelining depth of the key loop, prefill-shaped steps
+NUM_STAGES = 3  # software pipelining depth of the key loop, prefill-shaped steps
 DECODE_NUM_STAGES = 4  # the same for decode-shaped steps
+DECODE_NUM_STAGES_FP8 = 5
 SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode buckets
-SPLIT_TARGET_PROGRAMS_PER_SM = 2  # flash-decoding: fill every SM about twice
-SPLIT_MIN_KEYS = 256  # a split below this many keys costs more in the reduction than it saves
+SPLIT_TARGET_PROGRAMS_PER_SM = 8  # flash-decoding: about 8 programs per SM (ragged batches gain most)
+SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction than it saves
 MAX_SPLITS = 32
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)
@@ -345,14 +346,16 @@ def choose_num_splits(
 
 
 def tile_config(
-    *, num_queries_per_kv: int, head_size: int, max_query_len: int, interpret: bool,
+    *, num_queries_per_kv: int, head_size: int, max_query_len: int, interpret: bool, fp8: bool = False,
 ) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_Q, TILE_N, num_warps, num_stages) for a static shape."""
+    """(BLOCK_M, BLOCK_Q, TILE_N, num_warps, num_stages) for a static shape (``fp8``: fp8 K/V)."""
     group_pad = _jit.next_power_of_2(num_queries_per_kv)
     if max_query_len <= SPLIT_MAX_QUERY_LEN:
         block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(num_queries_per_kv * max(max_query_len, 1)))
         block_m = min(block_m, max(PREFILL_BLOCK_M, group_pad))
         num_warps, num_stages, tile_n = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_TILE_N_GPU
+        if fp8:
+            num_stages, tile_n = DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
     else:
         block_m = max(PREFILL_BLOCK_M, group_pad)
         num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
@@ -400,7 +403,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
     group = num_heads // kv_heads
     interpret = _jit.interpreting() or q.device.type != "cuda"
     block_m, block_q, default_tile_n, num_warps, num_stages = tile_config(
-        num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret)
+        num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret,
+        fp8=kv_cache.dtype == torch.float8_e4m3fn)
     tile_n = tile_n or default_tile_n
     num_q_blocks = num_tokens // block_q + num_seqs
     if not num_splits:

@@ -149,8 +149,9 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = num_heads // kv_heads
     interpret = _jit.interpreting() or q.device.type != "cuda"
-    _, _, default_tile_n, num_warps, num_stages = tile_config(num_queries_per_kv=group, head_size=head_size, max_query_len=1,
-                                          interpret=interpret)
+    _, _, default_tile_n, num_warps, num_stages = tile_config(
+        num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=interpret,
+        fp8=kv_cache.dtype == torch.float8_e4m3fn)
     tile_n = tile_n or default_tile_n
     if not num_splits:
         num_splits = choose_num_splits(
