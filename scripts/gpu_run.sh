@@ -32,7 +32,7 @@ if wants tests; then
   python3 -m pytest tests -m gpu -q -rs --durations=15 "$@" 2>&1 | tee "$OUT/gpu_tests.log" || status=1
 fi
 if wants tune; then
-  python3 scripts/tune_kernels.py --json "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-240}" 2>&1 | tee "$OUT/tune.log" || status=1
+  python3 scripts/tune_kernels.py --json "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-240}" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" || status=1
 fi
 if wants bench; then
   python3 -m compiled_attn bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1

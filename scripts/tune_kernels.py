@@ -31,17 +31,24 @@ CASES = [  # (case name, kv dtype, backend, sweep)
     ("prefill 8x2048", "bf16", "triton", PREFILL),
     ("prefill 1x16384", "bf16", "triton", {k: v[-2:] for k, v in PREFILL.items()}),
 ]
+FUSED = {"FUSED_SPLIT_REDUCE": (False, True)}  # --fused: the split reduction in-kernel vs launched
+FUSED_CASES = [(name, kv, backend, FUSED) for name, kv, backend in (
+    ("decode 1x4096", "bf16", "trtllm"), ("decode 1x4096", "bf16", "triton"), ("decode 32x4096", "bf16", "trtllm"),
+    ("decode 128x2048", "bf16", "trtllm"), ("decode 64x16384", "bf16", "trtllm"), ("decode 64x16384", "fp8", "trtllm"),
+    ("decode ragged 64x[256,8192]", "bf16", "trtllm"))]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="tune.json")
     parser.add_argument("--budget-s", type=float, default=300)
+    parser.add_argument("--fused", action="store_true", help="only compare the fused and launched split reduction")
     args = parser.parse_args()
+    sweeps = FUSED_CASES if args.fused else CASES
     cases = {c.name: c for c in bench.CASES}
     results = []
-    for name, kv, backend, sweep in CASES:
-        deadline = time.time() + args.budget_s / len(CASES)  # every case gets its share
+    for name, kv, backend, sweep in sweeps:
+        deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.LLAMA3_8B if kv == "bf16" else dataclasses.replace(bench.LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
         workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda")
         defaults = {k: getattr(pa, k) for k in sweep}
@@ -64,9 +71,9 @@ def main() -> None:
         torch.cuda.empty_cache()
         with open(args.json, "w") as f:  # after every case: a cut-short run keeps what it measured
             json.dump({"card": torch.cuda.get_device_name(), "results": results}, f, indent=1)
-    for name, kv, _, _ in CASES:
-        rows = sorted((r for r in results if r["case"] == name and r["kv"] == kv and "us" in r), key=lambda r: r["us"])
-        print(f"best for {name} {kv}:", *rows[:3], sep="\n  ")
+    for name, kv, backend, _ in sweeps:
+        rows = sorted((r for r in results if (r["case"], r["kv"], r["backend"]) == (name, kv, backend) and "us" in r), key=lambda r: r["us"])
+        print(f"best for {name} {kv} {backend}:", *rows[:3], sep="\n  ")
 
 
 if __name__ == "__main__":

@@ -269,6 +269,18 @@ def test_paged_attention(interpreter, name):
     check_attention_case(ATTENTION_CASES[name])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("name", ["decode_split3_gqa4_d96", "decode_split2_window", "spec_decode_split2_gqa4"])
+def test_split_reduction_fused_and_launched(interpreter, monkeypatch, name, fused):
+    """Splits merge in the last program (fused, the default) or in a second launch (the path
+    torch.compile traces); both agree with the reference and leave the counters zeroed."""
+    monkeypatch.setattr(pa_mod, "FUSED_SPLIT_REDUCE", fused)
+    check_attention_case(ATTENTION_CASES[name])
+    counters = pa_mod._SPLIT_COUNTERS.get(torch.device("cpu"))
+    if fused:
+        assert counters is not None and not counters.any(), "every launch must leave its counters at zero"
+
+
 @pytest.mark.parametrize("seed", range(8))
 def test_paged_attention_random_batches(interpreter, seed):
     g = torch.Generator().manual_seed(1000 + seed)
@@ -366,6 +378,14 @@ DECODE_CASES = {
 @pytest.mark.parametrize("name", list(DECODE_CASES))
 def test_store_and_decode(interpreter, name):
     check_store_and_decode(DECODE_CASES[name])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_store_and_decode_split_reduction_fused_and_launched(interpreter, monkeypatch, fused):
+    monkeypatch.setattr(pa_mod, "FUSED_SPLIT_REDUCE", fused)
+    check_store_and_decode(DECODE_CASES["gqa4_d80_bs32_fp32_split3"])
+    if fused:
+        assert not pa_mod._SPLIT_COUNTERS[torch.device("cpu")].any()
 
 
 @pytest.mark.parametrize("seed", range(4))

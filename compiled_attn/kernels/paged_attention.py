@@ -55,6 +55,7 @@ SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode bucke
 SPLIT_TARGET_PROGRAMS_PER_SM = 8  # flash-decoding: about 8 programs per SM (ragged batches gain most)
 SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction than it saves
 MAX_SPLITS = 32
+FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch)
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
@@ -149,23 +150,63 @@ def _unmasked_tiles_end(first_tile, last_tile, first_query_pos, TILE_N: tl.const
 
 
 @triton.jit
-def _store_result(
-    acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, split,
-    num_tokens, s_ot, s_oh, s_od,
-    NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-):
-    """Normalised rows into ``out`` (one split), or the partial (max, sum, acc) of this split."""
+def _combine_splits(part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, num_tokens,
+                    NUM_HEADS: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                    BLOCK_M: tl.constexpr):
+    """Normalised rows from every split's partial (max, sum, acc), merged online in log2 units."""
     offs_d = tl.arange(0, HEAD_PAD)
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    o = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    for s in range(NUM_SPLITS):
+        row = (s * num_tokens + tok) * NUM_HEADS + head
+        # .cg: read at L2, where the other programs' writes are, never a stale L1 line.
+        m_s = tl.load(part_m_ptr + row, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(part_l_ptr + row, mask=row_valid, other=0.0, cache_modifier=".cg")
+        a_s = tl.load(part_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], mask=row_valid[:, None],
+                      other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(m_s - m_safe)
+        l = l * alpha + w * l_s
+        o = o * alpha[:, None] + w[:, None] * a_s
+        m = m_new
+    return o / tl.where(l == 0.0, 1.0, l)[:, None]
+
+
+@triton.jit
+def _store_result(
+    acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, sem_index, tok, head, row_valid,
+    split, num_tokens, s_ot, s_oh, s_od,
+    NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Normalised rows into ``out`` (one split), or the partial (max, sum, acc) of this split.
+
+    ``FUSED_REDUCE``: the programs of one tile count themselves in ``sem_ptr[sem_index]`` as
+    they finish; the last one merges every split's partial into ``out`` and sets the counter
+    back to 0 (so the zeroed buffer is reusable by the next launch on the stream, no memset).
+    """
+    offs_d = tl.arange(0, HEAD_PAD)
+    mask = row_valid[:, None] & (offs_d < HEAD)[None, :]
+    dst = out_ptr + tok[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        mask = row_valid[:, None] & (offs_d < HEAD)[None, :]
-        dst = out_ptr + tok[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         row = (split * num_tokens + tok) * NUM_HEADS + head  # tok is int64
         tl.store(part_m_ptr + row, m_i, mask=row_valid)
         tl.store(part_l_ptr + row, l_i, mask=row_valid)
         tl.store(part_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], acc, mask=row_valid[:, None])
+        if FUSED_REDUCE:
+            tl.debug_barrier()  # all of this program's partials are written before it counts itself
+            arrived = tl.atomic_add(sem_ptr + sem_index, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                o = _combine_splits(part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, num_tokens,
+                                    NUM_HEADS, HEAD_PAD, NUM_SPLITS, BLOCK_M)
+                tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(sem_ptr + sem_index, 0)
 
 
 @triton.jit
@@ -211,12 +252,12 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, out_ptr, cache_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
-    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr,
     num_seqs, num_tokens, scale, window, softcap,
     s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_ckv, s_cb, s_cs, s_ch, s_cd, s_bt,
     G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     q_block = tl.program_id(0)
@@ -227,11 +268,11 @@ def _paged_attention_kernel(
     head = kvh * G + offs_m % G
     in_tile = offs_m < BLOCK_Q * G
 
-    if NUM_SPLITS == 1:
+    if (NUM_SPLITS == 1) or FUSED_REDUCE:  # else the reduction launch writes the padding rows
         # Padding tokens (>= query_start_loc[-1]) belong to no query block: the programs whose
         # token range [q_block * BLOCK_Q, +BLOCK_Q) holds them write their zeros.
         tok = q_block * BLOCK_Q + offs_m // G
-        pad = in_tile & (tok >= tl.load(query_start_loc_ptr + num_seqs)) & (tok < num_tokens)
+        pad = in_tile & (tok >= tl.load(query_start_loc_ptr + num_seqs)) & (tok < num_tokens) & (split == 0)
         dst = out_ptr + tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
         zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
         tl.store(dst, zeros, mask=pad[:, None] & (offs_d < HEAD)[None, :])
@@ -282,8 +323,9 @@ def _paged_attention_kernel(
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
     _store_result(
-        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, split,
-        num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
+        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, q_block * tl.num_programs(1) + kvh,
+        tok, head, row_valid, split, num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
+        FUSED_REDUCE, BLOCK_M,
     )
 
 
@@ -394,6 +436,30 @@ def check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, ou
         raise ValueError("block_table rows must be contiguous; pass block_table.contiguous()")
 
 
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def split_counters(q: torch.Tensor, count: int) -> torch.Tensor | None:
+    """``count`` zeroed int32 counters for the fused split reduction, or None to use the
+    reduction launch instead.
+
+    Every launch leaves its counters zeroed, so one buffer per device serves all launches on a
+    stream (as a workspace does; launches on concurrent streams must not share a device). It
+    grows only outside CUDA-graph capture (memory allocated there would belong to the graph's
+    pool) and only for plain tensors: while ``torch.compile`` traces a triton_op its inputs are
+    fake, and a real global buffer cannot join that graph.
+    """
+    if not FUSED_SPLIT_REDUCE or type(q) is not torch.Tensor:
+        return None
+    have = _SPLIT_COUNTERS.get(q.device)
+    if have is not None and have.numel() >= count:
+        return have
+    if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    _SPLIT_COUNTERS[q.device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=q.device)
+    return _SPLIT_COUNTERS[q.device]
+
+
 def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, max_query_len, scale,
                  sliding_window, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n):
     """Grids, arguments and scratch buffers of the attention (+ reduction) launches."""
@@ -419,22 +485,23 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = k_scale  # never read with one split
+    counters = split_counters(q, num_q_blocks * kv_heads) if num_splits > 1 else None
     attn_args = (
         q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,
-        num_seqs, num_tokens, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
+        counters if counters is not None else k_scale, num_seqs, num_tokens, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
         *q.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
     attn_constexprs = dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=counters is not None,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, DOT_FP32=interpret or q.dtype == torch.float32,
         num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
     reduce_launch = None
-    if num_splits > 1:
+    if num_splits > 1 and counters is None:
         reduce_args = (part_acc, part_m, part_l, out, query_start_loc, seq_lens, num_seqs, num_tokens, *out.stride())
         reduce_constexprs = dict(
             NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,

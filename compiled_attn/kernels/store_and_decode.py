@@ -34,6 +34,7 @@ from .paged_attention import (
     check_attention_args,
     choose_num_splits,
     num_sms,
+    split_counters,
     tile_config,
 )
 from .store_kv import FP8_E4M3_MAX, _round_to_e4m3, check_store_args
@@ -42,13 +43,13 @@ from .store_kv import FP8_E4M3_MAX, _round_to_e4m3, check_store_args
 @triton.jit
 def _store_and_decode_kernel(
     q_ptr, k_ptr, v_ptr, cache_ptr, seq_lens_ptr, block_table_ptr, slot_ptr, out_ptr,
-    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr,
     num_tokens, scale, window, softcap,
     s_qt, s_qh, s_qd, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd, s_ot, s_oh, s_od,
     s_ckv, s_cb, s_cs, s_ch, s_cd, s_bt,
     G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr,
     FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -61,7 +62,7 @@ def _store_and_decode_kernel(
     row_valid = offs_m < G
     seq_len = tl.load(seq_lens_ptr + b)
     if seq_len <= 0:
-        if NUM_SPLITS == 1:
+        if ((NUM_SPLITS == 1) or FUSED_REDUCE) and split == 0:  # else the reduction launch writes zeros
             dst = out_ptr + b * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
             zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
             tl.store(dst, zeros, mask=row_valid[:, None] & d_ok[None, :])
@@ -129,8 +130,9 @@ def _store_and_decode_kernel(
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
     tok = tl.full([BLOCK_M], 0, dtype=tl.int64) + b
     _store_result(
-        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, split,
-        num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
+        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, b * tl.num_programs(1) + kvh,
+        tok, head, row_valid, split, num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
+        FUSED_REDUCE, BLOCK_M,
     )
 
 
@@ -164,21 +166,24 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = k_scale  # never read with one split
+    counters = split_counters(q, num_seqs * kv_heads) if num_splits > 1 else None
     args = (
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,
+        counters if counters is not None else k_scale,
         num_seqs, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
     constexprs = dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
         BLOCK_M=max(DECODE_BLOCK_M, _jit.next_power_of_2(group)), TILE_N=tile_n, NUM_SPLITS=num_splits,
-        USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
+        FUSED_REDUCE=counters is not None, USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None,
+        USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
         DOT_FP32=interpret or q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
     )
     reduce_launch = None
-    if num_splits > 1:
+    if num_splits > 1 and counters is None:
         dummy_starts = seq_lens  # not read: validity comes from seq_lens
         reduce_args = (part_acc, part_m, part_l, out, dummy_starts, seq_lens, num_seqs, num_seqs, *out.stride())
         reduce_constexprs = dict(
