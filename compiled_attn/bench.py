@@ -210,12 +210,25 @@ def default_contenders(*, flex: bool = True) -> dict[str, Callable[[Workload], C
 
 
 def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, cases: list[Case] | None = None,
-              fp8: bool = True, flex: bool = True, device: str = "cuda") -> dict:
-    """Measure every case for every contender that can run it; return the results as a dict."""
+              fp8: bool = True, flex: bool = True, device: str = "cuda",
+              checkpoint: Callable[[dict], None] | None = None) -> dict:
+    """Measure every case for every contender that can run it; return the results as a dict.
+
+    ``checkpoint`` receives the report so far after every case (a run cut short keeps them).
+    """
     if not torch.cuda.is_available():
         raise RuntimeError("compiled-attn bench needs a CUDA GPU")
     ceilings = measure_ceilings(device)
     results = []
+    report = {
+        "card": torch.cuda.get_device_name(device),
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "shape": dataclasses.asdict(LLAMA3_8B) | {"dtype": str(dtype), "block_size": block_size},
+        "ceilings": ceilings,
+        "results": results,
+    }
     spec_variants = [("bf16", LLAMA3_8B)]
     if fp8:
         spec_variants.append(("fp8", dataclasses.replace(LLAMA3_8B, kv_cache_dtype="fp8_e4m3")))
@@ -256,15 +269,9 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
                 print(_format_row(row), flush=True)
             del workload
             torch.cuda.empty_cache()
-    return {
-        "card": torch.cuda.get_device_name(device),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "host": platform.node(),
-        "shape": dataclasses.asdict(LLAMA3_8B) | {"dtype": str(dtype), "block_size": block_size},
-        "ceilings": ceilings,
-        "results": results,
-    }
+            if checkpoint:
+                checkpoint(report)
+    return report
 
 
 def _format_row(row: dict) -> str:
@@ -327,10 +334,14 @@ def main(args) -> int:
         with open(args.plot_from) as f:
             report = json.load(f)
     else:
-        report = run_bench(block_size=args.block_size, fp8=not args.no_fp8, flex=not args.no_flex)
-        report["command"] = "compiled-attn " + " ".join(sys.argv[1:])
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+        command = "compiled-attn " + " ".join(sys.argv[1:])
+
+        def save(report: dict) -> None:
+            with open(args.json, "w") as f:
+                json.dump(report | {"command": command}, f, indent=1)
+
+        report = run_bench(block_size=args.block_size, fp8=not args.no_fp8, flex=not args.no_flex, checkpoint=save)
+        save(report)
     print(format_table(report))
     if args.png:
         try:

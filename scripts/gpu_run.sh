@@ -35,8 +35,9 @@ if wants tune; then
   python3 scripts/tune_kernels.py --json "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-240}" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" || status=1
 fi
 if wants bench; then
-  python3 -m compiled_attn bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
-  python3 - "$OUT/bench_page256.json" <<'PY' 2>&1 | tee "$OUT/bench_page256.log" || status=1
+  # BENCH_TIMEOUT_S bounds each of the two runs (0 = none); rows are saved after every case.
+  timeout "${BENCH_TIMEOUT_S:-0}" python3 -m compiled_attn bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
+  timeout "${BENCH_TIMEOUT_S:-0}" python3 - "$OUT/bench_page256.json" <<'PY' 2>&1 | tee "$OUT/bench_page256.log" || status=1
 import sys
 try:
     import xformers.ops.fmha.common as common

@@ -55,7 +55,9 @@ SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode bucke
 SPLIT_TARGET_PROGRAMS_PER_SM = 8  # flash-decoding: about 8 programs per SM (ragged batches gain most)
 SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction than it saves
 MAX_SPLITS = 32
-FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch)
+FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch) ...
+FUSED_MAX_SPLITS = 8  # ... when there are few: it merges them one after another (H100: 1% faster at
+# 3-5 splits, 40% slower at batch 1's 32 splits than the parallel reduction launch)
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
@@ -439,9 +441,9 @@ def check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, ou
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
-def split_counters(q: torch.Tensor, count: int) -> torch.Tensor | None:
+def split_counters(q: torch.Tensor, count: int, num_splits: int) -> torch.Tensor | None:
     """``count`` zeroed int32 counters for the fused split reduction, or None to use the
-    reduction launch instead.
+    reduction launch instead (also for one split, or more than ``FUSED_MAX_SPLITS``).
 
     Every launch leaves its counters zeroed, so one buffer per device serves all launches on a
     stream (as a workspace does; launches on concurrent streams must not share a device). It
@@ -449,7 +451,7 @@ def split_counters(q: torch.Tensor, count: int) -> torch.Tensor | None:
     pool) and only for plain tensors: while ``torch.compile`` traces a triton_op its inputs are
     fake, and a real global buffer cannot join that graph.
     """
-    if not FUSED_SPLIT_REDUCE or type(q) is not torch.Tensor:
+    if not FUSED_SPLIT_REDUCE or not 1 < num_splits <= FUSED_MAX_SPLITS or type(q) is not torch.Tensor:
         return None
     have = _SPLIT_COUNTERS.get(q.device)
     if have is not None and have.numel() >= count:
@@ -485,7 +487,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = k_scale  # never read with one split
-    counters = split_counters(q, num_q_blocks * kv_heads) if num_splits > 1 else None
+    counters = split_counters(q, num_q_blocks * kv_heads, num_splits)
     attn_args = (
         q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,

@@ -166,7 +166,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = k_scale  # never read with one split
-    counters = split_counters(q, num_seqs * kv_heads) if num_splits > 1 else None
+    counters = split_counters(q, num_seqs * kv_heads, num_splits)
     args = (
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,
