@@ -49,6 +49,6 @@ sys.exit(main(["bench", "--block-size", "256", "--no-fp8", "--no-flex", "--json"
 PY
 fi
 if wants model; then
-  python3 -m compiled_attn bench-model --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log" || status=1
+  timeout "${BENCH_TIMEOUT_S:-0}" python3 -m compiled_attn bench-model --json "$OUT/bench_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" || status=1
 fi
 exit $status
