@@ -36,6 +36,10 @@ FUSED_CASES = [(name, kv, backend, FUSED) for name, kv, backend in (
     ("decode 1x4096", "bf16", "trtllm"), ("decode 1x4096", "bf16", "triton"), ("decode 32x4096", "bf16", "trtllm"),
     ("decode 128x2048", "bf16", "trtllm"), ("decode 64x16384", "bf16", "trtllm"), ("decode 64x16384", "fp8", "trtllm"),
     ("decode ragged 64x[256,8192]", "bf16", "trtllm"))]
+FP8_DOT = {"FP8_DOT_FP16": (False, True)}  # --fp8-dot: fp8 K/V tiles dotted in bf16 (q's dtype) or fp16
+FP8_DOT_CASES = [(name, "fp8", backend, FP8_DOT) for name, backend in (
+    ("decode 64x16384", "trtllm"), ("decode 64x16384", "triton"), ("decode 32x4096", "trtllm"),
+    ("decode 128x2048", "trtllm"), ("decode ragged 64x[256,8192]", "trtllm"))]
 
 
 def main() -> None:
@@ -43,8 +47,9 @@ def main() -> None:
     parser.add_argument("--json", default="tune.json")
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--fused", action="store_true", help="only compare the fused and launched split reduction")
+    parser.add_argument("--fp8-dot", action="store_true", help="only compare bf16 and fp16 dots for fp8 K/V")
     args = parser.parse_args()
-    sweeps = FUSED_CASES if args.fused else CASES
+    sweeps = FUSED_CASES if args.fused else FP8_DOT_CASES if args.fp8_dot else CASES
     cases = {c.name: c for c in bench.CASES}
     results = []
     for name, kv, backend, sweep in sweeps:

@@ -56,7 +56,7 @@ def _compile(kernel, constexprs: dict, kv: str, num_warps: int = 4, num_stages: 
     assert compiled.asm["cubin"], "no machine code"
 
 
-FEATURES = dict(USE_WINDOW=True, USE_ALIBI=True, USE_SOFTCAP=True, DOT_FP32=False)
+FEATURES = dict(USE_WINDOW=True, USE_ALIBI=True, USE_SOFTCAP=True, DOT_FP32=False, FP8_DOT_FP16=True)
 
 
 @pytest.mark.parametrize("head_size", [80, 128, 256])

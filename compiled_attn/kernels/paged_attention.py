@@ -55,6 +55,7 @@ SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode bucke
 SPLIT_TARGET_PROGRAMS_PER_SM = 8  # flash-decoding: about 8 programs per SM (ragged batches gain most)
 SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction than it saves
 MAX_SPLITS = 32
+FP8_DOT_FP16 = True  # fp8 K/V: tile dots in fp16 (see _query_for_dot), not in q's bf16
 FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch) ...
 FUSED_MAX_SPLITS = 8  # ... when there are few: it merges them one after another (H100: 1% faster at
 # 3-5 splits, 40% slower at batch 1's 32 splits than the parallel reduction launch)
@@ -139,6 +140,23 @@ def _attend_tile(
     else:
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
     return acc, m_new, l_i
+
+
+@triton.jit
+def _query_for_dot(q, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr):
+    """q in the dtype the tile dots take (K/V tiles are converted to it).
+
+    fp8 K/V with ``FP8_DOT_FP16``: fp16. e4m3 -> fp16 is one instruction per two values on sm_89+
+    and exact (every e4m3 value, subnormals included, is an fp16 value); e4m3 -> bf16 goes through
+    fp32. fp16 also holds q more precisely than bf16 (10 mantissa bits, not 7); |q| beyond fp16's
+    65504 is clamped. Probabilities (in [0, 1]) lose nothing either.
+    """
+    if DOT_FP32:
+        q = q.to(tl.float32)
+    elif IS_FP8:
+        if FP8_DOT_FP16:
+            q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    return q
 
 
 @triton.jit
@@ -260,7 +278,7 @@ def _paged_attention_kernel(
     G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
-    USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
+    USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -294,8 +312,7 @@ def _paged_attention_kernel(
 
     q_mask = row_valid[:, None] & (offs_d < HEAD)[None, :]
     q = tl.load(q_ptr + tok[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q = _query_for_dot(q, IS_FP8, DOT_FP32, FP8_DOT_FP16)
     qk_scale, softcap, slopes = _score_params(scale, softcap, k_scale_ptr, slopes_ptr, head, row_valid,
                                               BLOCK_M, IS_FP8, USE_ALIBI)
 
@@ -499,7 +516,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=counters is not None,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, DOT_FP32=interpret or q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        FP8_DOT_FP16=FP8_DOT_FP16, num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
     reduce_launch = None

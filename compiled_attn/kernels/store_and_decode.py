@@ -20,10 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _jit
+from . import _jit, paged_attention
 from .paged_attention import (
     DECODE_BLOCK_M,
     _attend_tile,
+    _query_for_dot,
     _reduce_splits_kernel,
     _score_params,
     LOG2E,
@@ -50,7 +51,7 @@ def _store_and_decode_kernel(
     G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr,
-    FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
+    FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -89,8 +90,7 @@ def _store_and_decode_kernel(
 
     q = tl.load(q_ptr + b * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
                 mask=row_valid[:, None] & d_ok[None, :], other=0.0)
-    if DOT_FP32:
-        q = q.to(tl.float32)
+    q = _query_for_dot(q, IS_FP8, DOT_FP32, FP8_DOT_FP16)
     qk_scale, softcap, slopes = _score_params(scale, softcap, k_scale_ptr, slopes_ptr, head, row_valid,
                                               BLOCK_M, IS_FP8, USE_ALIBI)
 
@@ -180,7 +180,8 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         FUSED_REDUCE=counters is not None, USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None,
         USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
-        DOT_FP32=interpret or q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=paged_attention.FP8_DOT_FP16,
+        num_warps=num_warps, num_stages=num_stages,
     )
     reduce_launch = None
     if num_splits > 1 and counters is None:
