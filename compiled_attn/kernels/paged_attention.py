@@ -1,5 +1,5 @@
 """Unified paged attention: prefill, prefix-prefill, chunked prefill, decode and spec-decode of a
-flattened mixed batch in one launch (plus a reduction when the context is split).
+flattened mixed batch in one launch (plus, for contexts split many ways, a reduction launch).
 
 Grid (static: from T, B, KV heads and the split count, never from tensor values)::
 
@@ -11,19 +11,23 @@ onward (one per ``BLOCK_Q`` of its new tokens), found by a binary search over
 A program's tile packs ``BLOCK_Q`` query tokens × the ``G`` query heads of one KV head
 (``BLOCK_M = BLOCK_Q * G`` rows, GQA), so every K/V tile is read once per KV group. It walks
 the sequence's keys ``TILE_N`` at a time (each key row finds its cache block through the block
-table), causal, optionally windowed, with an online softmax in fp32 (log2 units: ``exp2`` only). Tiles wholly below the causal
-diagonal run without bounds checks or masks; only the diagonal tiles pay for them.
+table), causal, optionally windowed, with an online softmax in fp32 (log2 units: ``exp2``
+only). Tiles wholly below the causal diagonal run without bounds checks or masks; only the
+diagonal tiles pay for them.
 
 Split-KV (flash-decoding): when the batch is decode-like (``max_query_len`` small) and too small
 to fill the GPU, axis 2 splits each query block's key range into ``num_splits`` equal parts;
-each writes a partial (max, sum, acc) and :func:`_reduce_splits_kernel` combines them. The
-split count comes from static shapes (batch, KV heads, block-table width) and the SM count.
+each writes a partial (max, sum, acc). Up to ``FUSED_MAX_SPLITS`` splits, the last program of a
+tile to finish merges them (a per-tile atomic counter, see :func:`split_counters`); beyond that,
+or while ``torch.compile`` traces the triton_op, :func:`_reduce_splits_kernel` merges them in a
+second launch. The split count comes from static shapes (batch, KV heads, block-table width)
+and the SM count.
 
 Precision: all softmax arithmetic is fp32. On GPU ``tl.dot`` takes fp16/bf16 tiles (fp32 tiles
 with ``input_precision="ieee"`` for fp32 inputs) and accumulates in fp32. Under the Triton
 interpreter every dot is fp32 (the interpreter's bf16 math is wrong). fp8 K/V are converted
-exactly to the dot type and the scales folded into the scores (``k_scale``) and the output
-(``v_scale``).
+exactly to fp16 and dotted with an fp16 copy of q (:func:`_query_for_dot`), and the scales are
+folded into the scores (``k_scale``) and the output (``v_scale``).
 """
 
 from __future__ import annotations

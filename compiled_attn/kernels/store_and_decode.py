@@ -6,8 +6,9 @@ Decode only: one new token per sequence, token ``b`` is sequence ``b`` (T == B),
 heads of one KV head (GQA). The program of split 0 stores the token's K/V (quantised for fp8)
 and seeds its softmax with the new key straight from registers; every program reads only
 positions ``< seq_len - 1`` from the cache, so no program waits for the store. With more than
-one split, :func:`~compiled_attn.kernels.paged_attention._reduce_splits_kernel` combines the
-partials (a second launch). Padding sequences (``seq_len == 0``) store nothing and get zeros.
+one split the partials are merged as in :mod:`~compiled_attn.kernels.paged_attention` (by the
+last program of a tile, or by a reduction launch for many splits). Padding sequences
+(``seq_len == 0``) store nothing and get zeros.
 
 Exposed as ``torch.ops.compiled_attn.store_and_decode`` — one schema, so another implementation
 (a fused CUDA kernel) can be registered behind it for a device with ``register_kernel``.
