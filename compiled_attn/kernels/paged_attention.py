@@ -174,6 +174,32 @@ def _unmasked_tiles_end(first_tile, last_tile, first_query_pos, TILE_N: tl.const
 
 
 @triton.jit
+def _attend_range(
+    acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, first_query_pos, key_end, q_pos,
+    row_valid, slopes, qk_scale, window, softcap,
+    s_ckv, s_cb, s_cs, s_ch, s_cd,
+    HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """Key tiles ``[first_tile, last_tile)``: the mask-free ones (see :func:`_unmasked_tiles_end`)
+    first, then the ones that need bounds and masks."""
+    mid_tile = _unmasked_tiles_end(first_tile, last_tile, first_query_pos, TILE_N, USE_WINDOW)
+    for tile in range(first_tile, mid_tile):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
+        )
+    for tile in range(mid_tile, last_tile):
+        acc, m_i, l_i = _attend_tile(
+            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True,
+        )
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _combine_splits(part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, num_tokens,
                     NUM_HEADS: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
                     BLOCK_M: tl.constexpr):
@@ -330,19 +356,11 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     bt_row_ptr = block_table_ptr + seq.to(tl.int64) * s_bt
-    mid_tile = _unmasked_tiles_end(first_tile, last_tile, context + local * BLOCK_Q, TILE_N, USE_WINDOW)
-    for tile in range(first_tile, mid_tile):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
-        )
-    for tile in range(mid_tile, last_tile):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True,
-        )
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, context + local * BLOCK_Q, key_end,
+        q_pos, row_valid, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+        HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+    )
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
     _store_result(

@@ -24,7 +24,7 @@ import triton.language as tl
 from . import _jit, paged_attention
 from .paged_attention import (
     DECODE_BLOCK_M,
-    _attend_tile,
+    _attend_range,
     _query_for_dot,
     _reduce_splits_kernel,
     _score_params,
@@ -32,7 +32,6 @@ from .paged_attention import (
     _split_tiles,
     _store_result,
     _tanh,
-    _unmasked_tiles_end,
     check_attention_args,
     choose_num_splits,
     num_sms,
@@ -113,20 +112,13 @@ def _store_and_decode_kernel(
     first_tile, last_tile = _split_tiles(key_start // TILE_N, tl.cdiv(pos, TILE_N), split, NUM_SPLITS)
     q_pos = tl.full([BLOCK_M], 0, dtype=tl.int32) + pos
     bt_row_ptr = block_table_ptr + b * s_bt
-    # Every cached key is before the query: only the tile holding key pos - 1 needs bounds.
-    mid_tile = _unmasked_tiles_end(first_tile, last_tile, pos - 1, TILE_N, USE_WINDOW)
-    for tile in range(first_tile, mid_tile):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, pos, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
-        )
-    for tile in range(mid_tile, last_tile):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, pos, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True,
-        )
+    # Every cached key is before the query (as if the first query sat at pos - 1): only the tile
+    # holding key pos - 1 needs bounds.
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, pos - 1, pos, q_pos, row_valid,
+        slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+        HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+    )
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
     tok = tl.full([BLOCK_M], 0, dtype=tl.int64) + b
