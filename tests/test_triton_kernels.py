@@ -380,6 +380,20 @@ def test_store_and_decode(interpreter, name):
     check_store_and_decode(DECODE_CASES[name])
 
 
+def test_split_counters_grow_without_freeing(monkeypatch):
+    """A graph captured with the old buffer keeps using it: growing must not free it."""
+    monkeypatch.setattr(pa_mod, "_SPLIT_COUNTERS", {})
+    monkeypatch.setattr(pa_mod, "_RETIRED_SPLIT_COUNTERS", [])
+    q = torch.zeros(1, 1, 1)
+    small = pa_mod.split_counters(q, 10, num_splits=2)
+    assert small is not None and small.numel() >= 10 and not small.any()
+    assert pa_mod.split_counters(q, 10, num_splits=2) is small
+    big = pa_mod.split_counters(q, small.numel() + 1, num_splits=2)
+    assert big.numel() > small.numel() and pa_mod._RETIRED_SPLIT_COUNTERS == [small]
+    assert pa_mod.split_counters(q, 10, num_splits=1) is None, "one split needs no merge"
+    assert pa_mod.split_counters(q, 10, num_splits=pa_mod.FUSED_MAX_SPLITS + 1) is None
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_store_and_decode_split_reduction_fused_and_launched(interpreter, monkeypatch, fused):
     monkeypatch.setattr(pa_mod, "FUSED_SPLIT_REDUCE", fused)

@@ -478,6 +478,9 @@ def check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, ou
 
 
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Outgrown buffers stay allocated: a CUDA graph captured earlier still increments (and re-zeroes)
+# the one it was captured with, and must never find that memory handed to another tensor.
+_RETIRED_SPLIT_COUNTERS: list[torch.Tensor] = []
 
 
 def split_counters(q: torch.Tensor, count: int, num_splits: int) -> torch.Tensor | None:
@@ -497,7 +500,10 @@ def split_counters(q: torch.Tensor, count: int, num_splits: int) -> torch.Tensor
         return have
     if q.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    _SPLIT_COUNTERS[q.device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=q.device)
+    if have is not None:
+        _RETIRED_SPLIT_COUNTERS.append(have)
+    _SPLIT_COUNTERS[q.device] = torch.zeros(max(count, 2 * (0 if have is None else have.numel()), 4096),
+                                            dtype=torch.int32, device=q.device)
     return _SPLIT_COUNTERS[q.device]
 
 
