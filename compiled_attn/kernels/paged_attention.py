@@ -322,7 +322,9 @@ def _paged_attention_kernel(
         # Padding tokens (>= query_start_loc[-1]) belong to no query block: the programs whose
         # token range [q_block * BLOCK_Q, +BLOCK_Q) holds them write their zeros.
         tok = q_block * BLOCK_Q + offs_m // G
-        pad = in_tile & (tok >= tl.load(query_start_loc_ptr + num_seqs)) & (tok < num_tokens) & (split == 0)
+        # Split 0 alone writes them. (A comparison, not `& (split == 0)`: triton 3.9's interpreter
+        # turns block & scalar into an int32 mask.)
+        pad = in_tile & (tok >= tl.load(query_start_loc_ptr + num_seqs)) & (tok < tl.where(split == 0, num_tokens, 0))
         dst = out_ptr + tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
         zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
         tl.store(dst, zeros, mask=pad[:, None] & (offs_d < HEAD)[None, :])
