@@ -5,9 +5,10 @@ and ``kv_cache[1]`` are exactly flash-attn's paged ``k_cache``/``v_cache`` layou
 ``[num_blocks, page_block_size, KVH, D]``. One step is:
 
 1. **Store** the new K/V through ``slot_mapping`` with ``store.store_kv`` (one Triton launch on
-   CUDA; the same bytes every backend writes). flash-attn's fused append (``flash_attn_with_kvcache(k=, v=)``) is not
-   used: it writes at ``cache_seqlens[b]`` for *every* sequence of the batch, and a padding
-   sequence (``seq_len == 0``) cannot be told to store nothing.
+   CUDA; the same bytes every backend writes). flash-attn's fused append
+   (``flash_attn_with_kvcache(k=, v=)``) is not used: it writes at ``cache_seqlens[b]`` for
+   *every* sequence of the batch, and a padding sequence (``seq_len == 0``) cannot be told to
+   store nothing.
 2. **Attend**, choosing the call from static data only (``max_query_len`` is a Python int from the
    bucket, never read from a tensor):
 

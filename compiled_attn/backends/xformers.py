@@ -4,7 +4,7 @@ xFormers reads a paged cache as ``[1, num_blocks * page_size, G, H, D]`` (its 5-
 G groups = our KV heads, H = query heads per KV head, stride 0 on H), which is a free view of
 ``kv_cache[0]`` / ``kv_cache[1]``. One step is:
 
-1. **Store** the new K/V through ``slot_mapping`` with ``store.store_kv`` (one Triton launch).
+1. **Store** the new K/V through ``slot_mapping`` with ``store.store_kv`` (one Triton launch on CUDA).
 2. **Attend** with one call ``fmha.memory_efficient_attention_forward(q, k, v,
    attn_bias=PagedBlockDiagonalGappyKeysMask(...), scale=scale, op=fmha.triton_splitk.FwOp)``
    in which **every new token is its own row** (one query per row): row t attends to the keys

@@ -24,11 +24,11 @@ import triton.language as tl
 from . import _jit, paged_attention
 from .paged_attention import (
     DECODE_BLOCK_M,
+    LOG2E,
     _attend_range,
     _query_for_dot,
     _reduce_splits_kernel,
     _score_params,
-    LOG2E,
     _split_tiles,
     _store_result,
     _tanh,
