@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Everything the GPU machine does in one call: unpack the carried optional packages, print the
 # versions, run the GPU tests and/or the benchmark, and leave logs and results under $OUT.
-#   scripts/gpu_run.sh "[tune] [tests] [bench] [model] | all" [extra pytest args...]
-# (several steps in one call: scripts/gpu_run.sh "tune tests"; TUNE_BUDGET_S bounds the sweep)
+#   scripts/gpu_run.sh "[tests] [tune] [bench] [model] | all" [extra pytest args...]
+# Several steps in one call run in that order (scripts/gpu_run.sh "tests tune"). Environment:
+# TUNE_BUDGET_S / TUNE_ARGS (scripts/tune_kernels.py), BENCH_TIMEOUT_S (each benchmark run),
+# MODEL_ARGS (compiled-attn bench-model).
 # bench: pages of 16 (our kernels, fp8 too) and of 256 (where flash-attn and xFormers can join).
 # xformers 0.0.35's extension does not load under this torch; its Triton kernels still run once
 # the package is told CUDA works -- done here, in the harness, never in the library.
