@@ -16,17 +16,19 @@ from .reference import ReferenceBackend
 from .torch_native import TorchNativeBackend
 from .triton import TritonBackend
 from .flash_attn import FlashAttnBackend
+from .flash_attn3 import FlashAttn3Backend
 from .trtllm import TrtllmBackend
 from .xformers import XFormersBackend
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
     b.name: b for b in (ReferenceBackend, TorchNativeBackend, TritonBackend, TrtllmBackend, FlashAttnBackend,
-                       XFormersBackend)
+                       XFormersBackend, FlashAttn3Backend)
 }
 
 # First that can serve the layer wins. The reference is last everywhere: correct, never fast.
 # CUDA order from the H100 figures in BENCHMARKS.md: trtllm (fused decode) >= triton on every
 # decode shape and equal on prefill; both ahead of flash_attn, then xformers, on every shape.
+# flash_attn3 is selectable by name only until it has been measured there.
 PRIORITY: dict[str, tuple[str, ...]] = {
     "cuda": ("trtllm", "triton", "flash_attn", "xformers", "torch_native", "reference"),
     "cpu": ("torch_native", "reference"),
