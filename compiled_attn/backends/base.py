@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -11,6 +13,24 @@ from ..metadata import AttentionMetadata
 from ..spec import AttentionSpec
 
 ALL_FEATURES = frozenset({"sliding_window", "alibi", "logits_soft_cap", "fp8_kv_cache"})
+
+
+def package_reason(module: str, load: Callable[[], ModuleType], needed: tuple[str, ...]) -> str | None:
+    """Why the installed package ``module`` (imported by ``load``) cannot be used: it fails to
+    import, or lacks one of the ``needed`` functions. None if it can."""
+    try:
+        imported = load()
+    except Exception as err:  # a build for another torch raises anything from ImportError to OSError
+        return f"package '{module}' is installed but failed to import ({type(err).__name__}: {err})"
+    missing = [name for name in needed if not hasattr(imported, name)]
+    return f"package '{module}' has no {', '.join(missing)}" if missing else None
+
+
+def head_size_reason(head_size: int, *, multiple: int, largest: int) -> str | None:
+    """The FlashAttention packages' head-size rule (a multiple of ``multiple``, at most ``largest``)."""
+    if head_size % multiple or head_size > largest:
+        return f"head_size {head_size} is not supported (needs a multiple of {multiple}, at most {largest})"
+    return None
 
 
 class AttentionBackend:

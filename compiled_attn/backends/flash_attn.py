@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from ..metadata import AttentionMetadata
 from ..spec import AttentionSpec
-from .base import AttentionBackend
+from .base import AttentionBackend, head_size_reason, package_reason
 from .store import store_kv
 
 # flash_attn_with_kvcache's num_splits: 0 = its own heuristic. FACTS.md (H100, page 256) measured
@@ -187,11 +187,8 @@ class FlashAttnBackend(AttentionBackend):
     def extra_reason(
         cls, spec: AttentionSpec, *, device: torch.device, dtype: torch.dtype | None, block_size: int | None
     ) -> str | None:
-        if spec.head_size % cls.head_size_multiple or spec.head_size > cls.max_head_size:
-            return (
-                f"head_size {spec.head_size} is not supported (needs a multiple of {cls.head_size_multiple}, "
-                f"at most {cls.max_head_size})"
-            )
+        if reason := head_size_reason(spec.head_size, multiple=cls.head_size_multiple, largest=cls.max_head_size):
+            return reason
         if spec.alibi_slopes is not None and spec.logits_soft_cap is not None:
             return ("does not support alibi together with logits_soft_cap (flash-attn adds the ALiBi bias "
                     "after the soft-cap, compiled_attn before it)")
@@ -205,13 +202,10 @@ class FlashAttnBackend(AttentionBackend):
     @classmethod
     def import_reason(cls) -> str | None:
         """Why the installed package cannot be used (fails to import, too old), or None."""
-        try:
-            flash = _flash()
-            for needed in ("flash_attn_varlen_func", "flash_attn_with_kvcache"):
-                if not hasattr(flash, needed):
-                    return f"package 'flash_attn' has no {needed}"
-        except Exception as err:  # a broken build raises anything from ImportError to OSError
-            return f"package 'flash_attn' is installed but failed to import ({type(err).__name__}: {err})"
+        reason = package_reason("flash_attn", _flash, ("flash_attn_varlen_func", "flash_attn_with_kvcache"))
+        if reason:
+            return reason
+        flash = _flash()
         version = _version_tuple(getattr(flash, "__version__", "0"))
         if version < cls.min_version or version[0] != 2:
             return (f"flash_attn {getattr(flash, '__version__', '?')} is not supported "

@@ -40,7 +40,7 @@ import torch
 
 from ..metadata import AttentionMetadata
 from ..spec import AttentionSpec
-from .base import AttentionBackend
+from .base import AttentionBackend, head_size_reason, package_reason
 from .flash_attn import flash_window
 from .store import store_kv
 
@@ -123,22 +123,10 @@ class FlashAttn3Backend(AttentionBackend):
     def extra_reason(
         cls, spec: AttentionSpec, *, device: torch.device, dtype: torch.dtype | None, block_size: int | None
     ) -> str | None:
-        if spec.head_size % cls.head_size_multiple or spec.head_size > cls.max_head_size:
-            return (f"head_size {spec.head_size} is not supported (needs a multiple of {cls.head_size_multiple}, "
-                    f"at most {cls.max_head_size})")
+        if reason := head_size_reason(spec.head_size, multiple=cls.head_size_multiple, largest=cls.max_head_size):
+            return reason
         if device.type == "cuda":
-            return cls.import_reason()
-        return None
-
-    @classmethod
-    def import_reason(cls) -> str | None:
-        """Why the installed package cannot be used, or None."""
-        try:
-            interface = _interface()
-        except Exception as err:  # a build for another torch fails in many ways
-            return f"package 'flash_attn_interface' is installed but failed to import ({type(err).__name__}: {err})"
-        if not hasattr(interface, "flash_attn_with_kvcache"):
-            return "package 'flash_attn_interface' has no flash_attn_with_kvcache"
+            return package_reason("flash_attn_interface", _interface, ("flash_attn_with_kvcache",))
         return None
 
     @classmethod
