@@ -1,5 +1,8 @@
 """The Triton kernels compile for an H100 (sm_90) on a machine without a GPU: Triton's own ptxas
-turns them into cubins, so a kernel that only breaks the compiled path fails here, not on the GPU."""
+turns them into cubins, so a kernel that only breaks the compiled path fails here, not on the GPU.
+They also compile for Ada (sm_89, the oldest with fp8 conversions) and Ampere (sm_80, bf16 only),
+the other GPUs the backend accepts, within those GPUs' shared memory per block; those two have
+never run on such a GPU here."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from compiled_attn.kernels import paged_attention as pa  # noqa: E402
 from compiled_attn.kernels import store_and_decode as sd  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
+# Arch -> the opt-in shared memory per block (bytes) of the smallest GPU of that generation.
+OTHER_TARGETS = {89: 99 * 1024, 80: 163 * 1024}
 FLOAT_ARGS = ("scale", "softcap")
 INT64_PTRS = ("slot_ptr",)
 INT32_PTRS = ("query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr", "sem_ptr")
@@ -45,15 +50,16 @@ def _signature(kernel, constexprs: dict, kv: str) -> dict[str, str]:
     return sig
 
 
-def _compile(kernel, constexprs: dict, kv: str, num_warps: int = 4, num_stages: int = 2):
+def _compile(kernel, constexprs: dict, kv: str, num_warps: int = 4, num_stages: int = 2, target=H100):
     source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, kv), constexprs=constexprs)
     try:
-        compiled = triton.compile(source, target=H100, options={"num_warps": num_warps, "num_stages": num_stages})
+        compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     except RuntimeError as err:
         if "ptxas" in str(err) and "not found" in str(err).lower():
             pytest.skip(f"no ptxas here: {err}")
         raise
     assert compiled.asm["cubin"], "no machine code"
+    return compiled
 
 
 FEATURES = dict(USE_WINDOW=True, USE_ALIBI=True, USE_SOFTCAP=True, DOT_FP32=False, FP8_DOT_FP16=True)
@@ -81,3 +87,23 @@ def test_store_and_decode_compiles_for_sm90(fp8, splits, fused):
                       TILE_N=tile_n, NUM_SPLITS=splits, FUSED_REDUCE=fused, IS_FP8=fp8, FP8_MAX=448.0,
                       ROUND_FP8=False)
     _compile(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_TARGETS))
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("shape", ["decode_split4", "prefill"])
+def test_paged_attention_compiles_for_ampere_and_ada(shape, fp8, arch):
+    if fp8 and arch < 89:
+        pytest.skip("fp8 KV needs compute capability 8.9 (the backend refuses it below)")
+    decode = shape.startswith("decode")
+    for head_size in (128, 256):
+        block_m, block_q, tile_n, warps, stages = pa.tile_config(
+            num_queries_per_kv=4, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False,
+            fp8=fp8)
+        constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=head_size, BLOCK_SIZE=16,
+                          BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=4 if decode else 1,
+                          FUSED_REDUCE=decode, IS_FP8=fp8)
+        compiled = _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages,
+                            target=GPUTarget("cuda", arch, 32))
+        assert compiled.metadata.shared <= OTHER_TARGETS[arch], \
+            f"sm_{arch}, head {head_size}: {compiled.metadata.shared} bytes of shared memory"
