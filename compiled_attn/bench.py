@@ -328,13 +328,25 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+def command_line(args) -> str:
+    """The ``compiled-attn bench`` command that reproduces a run (also when called from Python).
+
+    >>> import argparse
+    >>> command_line(argparse.Namespace(block_size=256, no_fp8=True, no_flex=False, json="b.json"))
+    'compiled-attn bench --block-size 256 --no-fp8 --json b.json'
+    """
+    flags = [f"--block-size {args.block_size}"] + [f for f, on in (("--no-fp8", args.no_fp8),
+                                                                  ("--no-flex", args.no_flex)) if on]
+    return " ".join(["compiled-attn bench", *flags, f"--json {args.json}"])
+
+
 def main(args) -> int:
     """Entry of the CLI subcommand (``compiled-attn bench``)."""
     if args.plot_from:
         with open(args.plot_from) as f:
             report = json.load(f)
     else:
-        command = "compiled-attn " + " ".join(sys.argv[1:])
+        command = command_line(args)
 
         def save(report: dict) -> None:
             with open(args.json, "w") as f:
