@@ -3,7 +3,7 @@ over the paged cache.
 
 FlashAttention-3's ``flash_attn_with_kvcache`` takes varlen queries together with a paged cache,
 so **one call serves every step** (prefill over a cached prefix, chunked prefill, decode,
-spec-decode), with pages of any size:
+spec-decode), with pages of any size (up to 256 tokens here, as the other backends):
 
 1. **Store** the new K/V through ``slot_mapping`` (``store.store_kv``: one Triton launch on CUDA).
    FlashAttention-3's own append (``k=``/``v=``) is not used, for the reason given in
@@ -108,7 +108,7 @@ def _(q, k_cache, v_cache, cu_seqlens_q, cache_seqlens, page_table, max_seqlen_q
 
 
 class FlashAttn3Backend(AttentionBackend):
-    """FlashAttention-3 through ``flash_attn_interface``: CUDA sm90, fp16/bf16, pages of any size."""
+    """FlashAttention-3 through ``flash_attn_interface``: CUDA sm90, fp16/bf16, pages of 1-256 tokens."""
 
     name = "flash_attn3"
     device_types = ("cuda",)
