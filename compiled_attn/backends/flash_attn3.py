@@ -33,12 +33,12 @@ automatic priority list until measured: select it with ``backend="flash_attn3"``
 from __future__ import annotations
 
 import importlib
-import math
 from typing import ClassVar
 
 import torch
 
 from ..metadata import AttentionMetadata
+from ..split_kv import num_sms, split_count
 from ..spec import AttentionSpec
 from .base import AttentionBackend, head_size_reason, package_reason
 from .flash_attn import flash_window
@@ -65,10 +65,10 @@ def static_num_splits(*, num_seqs: int, kv_heads: int, max_keys: int, max_query_
     >>> static_num_splits(num_seqs=1, kv_heads=8, max_keys=4096, max_query_len=512, num_sms=132)
     1
     """
-    if max_query_len > SPLIT_MAX_QUERY_LEN:
-        return 1
-    wanted = math.ceil(SPLIT_TARGET_PROGRAMS_PER_SM * num_sms / max(num_seqs * kv_heads, 1))
-    return max(1, min(wanted, math.ceil(max_keys / SPLIT_MIN_KEYS), MAX_SPLITS))
+    return split_count(
+        programs=num_seqs * kv_heads, max_context=max_keys, max_query_len=max_query_len, num_sms=num_sms,
+        split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_PROGRAMS_PER_SM,
+        min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS)
 
 
 @torch.library.custom_op("compiled_attn::flash_attn3_paged", mutates_args=())
@@ -144,7 +144,7 @@ class FlashAttn3Backend(AttentionBackend):
         kv_heads, block_table = kv_cache.shape[3], meta.block_table.contiguous()
         num_splits = static_num_splits(
             num_seqs=meta.seq_lens.shape[0], kv_heads=kv_heads, max_keys=block_table.shape[1] * kv_cache.shape[2],
-            max_query_len=meta.max_query_len, num_sms=_num_sms(q.device))
+            max_query_len=meta.max_query_len, num_sms=num_sms(q.device))
         # max_seqlen_q is only an upper bound; at least 2 keeps clear of single-query special cases
         # (FlashAttention-2 repacks GQA heads there, assuming token b is sequence b).
         result = flash_attn3_paged(
@@ -154,8 +154,3 @@ class FlashAttn3Backend(AttentionBackend):
         valid = torch.arange(num_tokens, device=q.device) < meta.query_start_loc[-1]
         out.copy_(torch.where(valid[:, None, None], result, 0))
 
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -32,13 +32,13 @@ folded into the scores (``k_scale``) and the output (``v_scale``).
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
+from ..split_kv import num_sms, split_count
 from . import _jit
 
 # ---- tunables (not autotuned: one config per static shape keeps CUDA-graph capture simple) ----
@@ -406,28 +406,16 @@ def _reduce_splits_kernel(
 # ---- host side: static shapes only ----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (host property, no sync); 1 for CPU (interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def choose_num_splits(
     *, num_query_blocks: int, num_kv_heads: int, max_context: int, max_query_len: int, num_sms: int,
 ) -> int:
     """Flash-decoding split count from static shapes: enough programs to fill the GPU, no split
-    shorter than ``SPLIT_MIN_KEYS``; 1 for prefill-like buckets."""
-    if max_query_len > SPLIT_MAX_QUERY_LEN:
-        return 1
-    wanted = math.ceil(SPLIT_TARGET_PROGRAMS_PER_SM * num_sms / max(num_query_blocks * num_kv_heads, 1))
-    longest = max(math.ceil(max_context / SPLIT_MIN_KEYS), 1)
-    return max(1, min(wanted, longest, MAX_SPLITS))
+    shorter than ``SPLIT_MIN_KEYS``; 1 for prefill-like buckets (this module's constants, read
+    at call time so the tuning script can patch them)."""
+    return split_count(
+        programs=num_query_blocks * num_kv_heads, max_context=max_context, max_query_len=max_query_len,
+        num_sms=num_sms, split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_PROGRAMS_PER_SM,
+        min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS)
 
 
 def tile_config(
@@ -560,6 +548,15 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
     return (attn_grid, attn_args, attn_constexprs), reduce_launch
 
 
+def launch_planned(kernel, attn, reduce, wrap=None) -> None:
+    """The attention launch, then the split reduction if the plan has one. ``wrap`` is
+    ``torch.library.wrap_triton`` inside a triton_op (so ``torch.compile`` sees the kernels)."""
+    for fn, planned in ((kernel, attn), (_reduce_splits_kernel, reduce)):
+        if planned is not None:
+            grid, args, constexprs = planned
+            (wrap(fn) if wrap else fn)[grid](*args, **constexprs)
+
+
 def paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -605,11 +602,7 @@ def paged_attention(
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
         k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=tile_n)
     with _jit.launching(globals()):
-        grid, args, constexprs = attn
-        _paged_attention_kernel[grid](*args, **constexprs)
-        if reduce is not None:
-            grid, args, constexprs = reduce
-            _reduce_splits_kernel[grid](*args, **constexprs)
+        launch_planned(_paged_attention_kernel, attn, reduce)
     return out
 
 
@@ -674,8 +667,4 @@ def triton_paged_attention(
         q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
         k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=None)
-    grid, args, constexprs = attn
-    torch.library.wrap_triton(_paged_attention_kernel)[grid](*args, **constexprs)
-    if reduce is not None:
-        grid, args, constexprs = reduce
-        torch.library.wrap_triton(_reduce_splits_kernel)[grid](*args, **constexprs)
+    launch_planned(_paged_attention_kernel, attn, reduce, torch.library.wrap_triton)

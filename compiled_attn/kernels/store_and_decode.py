@@ -27,13 +27,13 @@ from .paged_attention import (
     LOG2E,
     _attend_range,
     _query_for_dot,
-    _reduce_splits_kernel,
     _score_params,
     _split_tiles,
     _store_result,
     _tanh,
     check_attention_args,
     choose_num_splits,
+    launch_planned,
     num_sms,
     split_counters,
     tile_config,
@@ -234,11 +234,7 @@ def store_and_decode(
         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
         num_splits=num_splits, tile_n=tile_n)
     with _jit.launching(globals()):
-        grid, args, constexprs = attn
-        _store_and_decode_kernel[grid](*args, **constexprs)
-        if reduce is not None:
-            grid, args, constexprs = reduce
-            _reduce_splits_kernel[grid](*args, **constexprs)
+        launch_planned(_store_and_decode_kernel, attn, reduce)
     return out
 
 
@@ -314,11 +310,7 @@ def store_and_decode_op(
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, scale=scale, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
         num_splits=None, tile_n=None)
-    grid, args, constexprs = attn
-    torch.library.wrap_triton(_store_and_decode_kernel)[grid](*args, **constexprs)
-    if reduce is not None:
-        grid, args, constexprs = reduce
-        torch.library.wrap_triton(_reduce_splits_kernel)[grid](*args, **constexprs)
+    launch_planned(_store_and_decode_kernel, attn, reduce, torch.library.wrap_triton)
 
 
 def _registered_kernel(device_type: str):

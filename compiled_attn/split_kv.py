@@ -1,0 +1,40 @@
+"""Flash-decoding split counts from static shapes, shared by our Triton kernels and the
+FlashAttention-3 backend (no Triton import here)."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (host property, no sync); 1 for CPU (interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_count(
+    *, programs: int, max_context: int, max_query_len: int, num_sms: int, split_max_query_len: int,
+    programs_per_sm: int, min_keys: int, max_splits: int,
+) -> int:
+    """Splits of each key range so ``programs`` (query blocks x KV heads) fill ``num_sms`` about
+    ``programs_per_sm`` times over, with no split shorter than ``min_keys`` and at most
+    ``max_splits``; 1 when the bucket holds more than ``split_max_query_len`` queries a sequence.
+
+    >>> split_count(programs=8, max_context=4096, max_query_len=1, num_sms=132, split_max_query_len=8,
+    ...             programs_per_sm=2, min_keys=256, max_splits=32)
+    16
+    """
+    if max_query_len > split_max_query_len:
+        return 1
+    wanted = math.ceil(programs_per_sm * num_sms / max(programs, 1))
+    longest = max(math.ceil(max_context / min_keys), 1)
+    return max(1, min(wanted, longest, max_splits))
