@@ -497,6 +497,33 @@ def split_counters(q: torch.Tensor, count: int, num_splits: int) -> torch.Tensor
     return _SPLIT_COUNTERS[q.device]
 
 
+def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_rows: int, tiles: int,
+                    placeholder: torch.Tensor, valid_from_seq_lens: bool):
+    """What a launch split ``num_splits`` ways needs besides its kernel: ``(scratch, reduce)``.
+
+    ``scratch`` = (part_acc, part_m, part_l, counters) for the kernel's arguments: the partials of
+    ``num_rows`` query rows, and the ``tiles`` counters of the in-kernel merge (``placeholder``,
+    never read, stands in for what is not needed). ``reduce`` is the reduction launch
+    ``(grid, args, constexprs)`` when the merge is not done in the kernel, else None.
+    """
+    if num_splits == 1:
+        return (placeholder,) * 4, None
+    num_heads, head_size = q.shape[1], q.shape[2]
+    head_pad = _jit.next_power_of_2(head_size)
+    part_acc = torch.empty(num_splits, num_rows, num_heads, head_pad, dtype=torch.float32, device=q.device)
+    part_m = torch.empty(num_splits, num_rows, num_heads, dtype=torch.float32, device=q.device)
+    part_l = torch.empty_like(part_m)
+    counters = split_counters(q, tiles, num_splits)
+    if counters is not None:
+        return (part_acc, part_m, part_l, counters), None
+    args = (part_acc, part_m, part_l, out, query_start_loc, seq_lens, seq_lens.shape[0], num_rows, *out.stride())
+    constexprs = dict(
+        NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
+        SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=valid_from_seq_lens, num_warps=4,
+    )
+    return (part_acc, part_m, part_l, placeholder), ((num_rows, num_heads), args, constexprs)
+
+
 def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, max_query_len, scale,
                  sliding_window, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n):
     """Grids, arguments and scratch buffers of the attention (+ reduction) launches."""
@@ -516,35 +543,24 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
             num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
             max_query_len=max_query_len, num_sms=num_sms(q.device))
     head_pad = _jit.next_power_of_2(head_size)
-    if num_splits > 1:
-        part_acc = torch.empty(num_splits, num_tokens, num_heads, head_pad, dtype=torch.float32, device=q.device)
-        part_m = torch.empty(num_splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-    else:
-        part_acc = part_m = part_l = k_scale  # never read with one split
-    counters = split_counters(q, num_q_blocks * kv_heads, num_splits)
+    scratch, reduce_launch = split_workspace(
+        q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,
+        placeholder=k_scale, valid_from_seq_lens=False)
     attn_args = (
         q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
-        alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,
-        counters if counters is not None else k_scale, num_seqs, num_tokens, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
+        alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
+        num_seqs, num_tokens, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
         *q.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
     attn_constexprs = dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=counters is not None,
+        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
+        FUSED_REDUCE=num_splits > 1 and reduce_launch is None,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, DOT_FP32=interpret or q.dtype == torch.float32,
         FP8_DOT_FP16=FP8_DOT_FP16, num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
-    reduce_launch = None
-    if num_splits > 1 and counters is None:
-        reduce_args = (part_acc, part_m, part_l, out, query_start_loc, seq_lens, num_seqs, num_tokens, *out.stride())
-        reduce_constexprs = dict(
-            NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-            SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=False, num_warps=4,
-        )
-        reduce_launch = ((num_tokens, num_heads), reduce_args, reduce_constexprs)
     return (attn_grid, attn_args, attn_constexprs), reduce_launch
 
 

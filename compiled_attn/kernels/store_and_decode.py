@@ -35,7 +35,7 @@ from .paged_attention import (
     choose_num_splits,
     launch_planned,
     num_sms,
-    split_counters,
+    split_workspace,
     tile_config,
 )
 from .store_kv import FP8_E4M3_MAX, _round_to_e4m3, check_store_args
@@ -154,38 +154,26 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
             num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
             max_query_len=1, num_sms=num_sms(q.device))
     head_pad = _jit.next_power_of_2(head_size)
-    if num_splits > 1:
-        part_acc = torch.empty(num_splits, num_seqs, num_heads, head_pad, dtype=torch.float32, device=q.device)
-        part_m = torch.empty(num_splits, num_seqs, num_heads, dtype=torch.float32, device=q.device)
-        part_l = torch.empty_like(part_m)
-    else:
-        part_acc = part_m = part_l = k_scale  # never read with one split
-    counters = split_counters(q, num_seqs * kv_heads, num_splits)
+    # The reduction reads validity from seq_lens (padding sequences have length 0), so its
+    # query_start_loc argument is a placeholder.
+    scratch, reduce_launch = split_workspace(
+        q, out, seq_lens, seq_lens, num_splits=num_splits, num_rows=num_seqs, tiles=num_seqs * kv_heads,
+        placeholder=k_scale, valid_from_seq_lens=True)
     args = (
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
-        alibi_slopes if alibi_slopes is not None else k_scale, part_acc, part_m, part_l,
-        counters if counters is not None else k_scale,
+        alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
         num_seqs, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
     constexprs = dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
         BLOCK_M=max(DECODE_BLOCK_M, _jit.next_power_of_2(group)), TILE_N=tile_n, NUM_SPLITS=num_splits,
-        FUSED_REDUCE=counters is not None, USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None,
-        USE_SOFTCAP=bool(logits_soft_cap),
+        FUSED_REDUCE=num_splits > 1 and reduce_launch is None, USE_WINDOW=bool(sliding_window),
+        USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
         DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=paged_attention.FP8_DOT_FP16,
         num_warps=num_warps, num_stages=num_stages,
     )
-    reduce_launch = None
-    if num_splits > 1 and counters is None:
-        dummy_starts = seq_lens  # not read: validity comes from seq_lens
-        reduce_args = (part_acc, part_m, part_l, out, dummy_starts, seq_lens, num_seqs, num_seqs, *out.stride())
-        reduce_constexprs = dict(
-            NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-            SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=True, num_warps=4,
-        )
-        reduce_launch = ((num_seqs, num_heads), reduce_args, reduce_constexprs)
     return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
 
 
