@@ -1,6 +1,10 @@
 """Sweep the Triton kernels' named tile constants on the GPU, one table per case.
 
-    python scripts/tune_kernels.py --json out/tune.json [--budget-s 300]   (split evenly over the cases)
+    python scripts/tune_kernels.py --json out/tune.json [--budget-s 300] [--sweep NAME]
+
+The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
+``fp8-dot``, ``schedule`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
+combination), or is a list of whole configurations.
 
 Each configuration patches the module constants of compiled_attn.kernels.paged_attention (they
 are read at launch), then times the backend exactly as ``compiled-attn bench`` does.
@@ -41,26 +45,80 @@ FP8_DOT_CASES = [(name, "fp8", backend, FP8_DOT) for name, backend in (
     ("decode 64x16384", "trtllm"), ("decode 64x16384", "triton"), ("decode 32x4096", "trtllm"),
     ("decode 128x2048", "trtllm"), ("decode ragged 64x[256,8192]", "trtllm"))]
 
+# --sweep schedule: the in-kernel merge of up to 32 splits, longest-first query blocks, warps per
+# decode program, and the prefill configurations the tiles sweep did not reach.
+PREFILL_CONFIGS = [dict(PREFILL_BLOCK_M=128, TILE_N_GPU=n, PREFILL_NUM_WARPS=w, NUM_STAGES=st, LONGEST_FIRST=first)
+                   for first in (False, True) for n, w, st in ((64, 4, 3), (128, 8, 3), (64, 8, 3))]
+SCHEDULE_CASES = [
+    ("decode 1x4096", "bf16", "trtllm", {"FUSED_MAX_SPLITS": (8, 32), "SPLIT_TARGET_PROGRAMS_PER_SM": (4, 8),
+                                         "SPLIT_MIN_KEYS": (64, 128)}),
+    ("decode 1x4096", "bf16", "triton", {"FUSED_MAX_SPLITS": (8, 32)}),
+    ("decode 32x4096", "bf16", "trtllm", {"DECODE_NUM_WARPS": (4, 8), "DECODE_TILE_N_GPU": (64, 128),
+                                          "SPLIT_MIN_KEYS": (128, 256)}),
+    ("decode 128x2048", "bf16", "trtllm", {"DECODE_NUM_WARPS": (4, 8), "DECODE_TILE_N_GPU": (64, 128)}),
+    ("decode 64x16384", "bf16", "trtllm", {"DECODE_NUM_WARPS": (4, 8), "DECODE_TILE_N_GPU": (64, 128)}),
+    ("decode 64x16384", "fp8", "trtllm", {"DECODE_NUM_WARPS_FP8": (4, 8), "DECODE_TILE_N_GPU_FP8": (128, 256),
+                                          "DECODE_NUM_STAGES_FP8": (3, 5)}),
+    ("decode ragged 64x[256,8192]", "bf16", "trtllm", {"DECODE_NUM_WARPS": (4, 8)}),
+    ("prefill 8x2048", "bf16", "triton", PREFILL_CONFIGS),
+    ("prefill 1x16384", "bf16", "triton", PREFILL_CONFIGS),
+    ("prefill 4x2048 over 8192 cached", "bf16", "triton", {"LONGEST_FIRST": (False, True)}),
+]
+SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES}
+
+
+def configurations(sweep) -> list[dict]:
+    """Every combination of a ``{constant: values}`` sweep, or a list of configurations as is."""
+    if isinstance(sweep, list):
+        return sweep
+    return [dict(zip(sweep, values)) for values in itertools.product(*sweep.values())]
+
+
+def kernel_resources() -> list[dict]:
+    """Registers, spills and shared memory of every kernel variant compiled so far (what limits
+    occupancy), from Triton's in-memory cache; empty where this Triton keeps it elsewhere."""
+    from compiled_attn.kernels import store_and_decode as sd
+
+    shown = ("BLOCK_M", "TILE_N", "NUM_SPLITS", "FUSED_REDUCE", "MERGE_CHUNK", "IS_FP8", "LONGEST_FIRST")
+    rows = []
+    for kernel in (pa._paged_attention_kernel, sd._store_and_decode_kernel):
+        names = kernel.arg_names
+        try:
+            compiled = [k for caches in kernel.device_caches.values() for k in caches[0].values()]
+        except (AttributeError, IndexError, TypeError):
+            return rows
+        for k in compiled:
+            try:
+                k._init_handles()
+                constants = {names[i[0]]: v for i, v in k.src.constants.items() if names[i[0]] in shown}
+                rows.append({"kernel": kernel.fn.__name__, **constants, "num_warps": k.metadata.num_warps,
+                             "num_stages": k.metadata.num_stages, "shared": k.metadata.shared,
+                             "regs": k.n_regs, "spills": k.n_spills})
+            except Exception as err:  # a diagnostic: never fail the sweep over it
+                rows.append({"kernel": kernel.fn.__name__, "error": f"{type(err).__name__}: {err}"[:160]})
+    return rows
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json", default="tune.json")
     parser.add_argument("--budget-s", type=float, default=300)
-    parser.add_argument("--fused", action="store_true", help="only compare the fused and launched split reduction")
-    parser.add_argument("--fp8-dot", action="store_true", help="only compare bf16 and fp16 dots for fp8 K/V")
+    parser.add_argument("--sweep", choices=sorted(SWEEPS), default="tiles")
+    parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
+    parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
-    sweeps = FUSED_CASES if args.fused else FP8_DOT_CASES if args.fp8_dot else CASES
+    sweeps = SWEEPS["fused" if args.fused else "fp8-dot" if args.fp8_dot else args.sweep]
     cases = {c.name: c for c in bench.CASES}
     results = []
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.LLAMA3_8B if kv == "bf16" else dataclasses.replace(bench.LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
         workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda")
-        defaults = {k: getattr(pa, k) for k in sweep}
-        for values in itertools.product(*sweep.values()):
+        configs = configurations(sweep)
+        defaults = {k: getattr(pa, k) for config in configs for k in config}
+        for config in configs:
             if time.time() > deadline:
                 break
-            config = dict(zip(sweep, values))
             for k, v in config.items():
                 setattr(pa, k, v)
             row = {"case": name, "kv": kv, "backend": backend, **config}
@@ -76,6 +134,11 @@ def main() -> None:
         torch.cuda.empty_cache()
         with open(args.json, "w") as f:  # after every case: a cut-short run keeps what it measured
             json.dump({"card": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+    resources = kernel_resources()
+    for row in resources:
+        print(json.dumps(row))
+    with open(args.json, "w") as f:
+        json.dump({"card": torch.cuda.get_device_name(), "results": results, "kernels": resources}, f, indent=1)
     for name, kv, backend, _ in sweeps:
         rows = sorted((r for r in results if (r["case"], r["kv"], r["backend"]) == (name, kv, backend) and "us" in r), key=lambda r: r["us"])
         print(f"best for {name} {kv} {backend}:", *rows[:3], sep="\n  ")

@@ -74,18 +74,19 @@ def test_paged_attention_compiles_for_sm90(shape, fp8, head_size):
         num_queries_per_kv=4, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False, fp8=fp8)
     constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
                       BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
-                      NUM_SPLITS=4 if decode else 1, FUSED_REDUCE=decode, IS_FP8=fp8)
+                      NUM_SPLITS=4 if decode else 1, FUSED_REDUCE=decode, IS_FP8=fp8,
+                      MERGE_CHUNK=pa.merge_chunk(4, block_m), LONGEST_FIRST=True)
     _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("splits,fused", [(1, False), (4, False), (4, True)])
+@pytest.mark.parametrize("splits,fused", [(1, False), (4, False), (4, True), (32, True)])
 def test_store_and_decode_compiles_for_sm90(fp8, splits, fused):
     block_m, _, tile_n, warps, stages = pa.tile_config(
         num_queries_per_kv=4, head_size=128, max_query_len=1, interpret=False, fp8=fp8)
     constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_M=block_m,
                       TILE_N=tile_n, NUM_SPLITS=splits, FUSED_REDUCE=fused, IS_FP8=fp8, FP8_MAX=448.0,
-                      ROUND_FP8=False)
+                      ROUND_FP8=False, MERGE_CHUNK=pa.merge_chunk(splits, block_m))
     _compile(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 
@@ -102,7 +103,8 @@ def test_paged_attention_compiles_for_ampere_and_ada(shape, fp8, arch):
             fp8=fp8)
         constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=head_size, BLOCK_SIZE=16,
                           BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=4 if decode else 1,
-                          FUSED_REDUCE=decode, IS_FP8=fp8)
+                          FUSED_REDUCE=decode, IS_FP8=fp8, MERGE_CHUNK=pa.merge_chunk(4, block_m),
+                          LONGEST_FIRST=True)
         compiled = _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages,
                             target=GPUTarget("cuda", arch, 32))
         assert compiled.metadata.shared <= OTHER_TARGETS[arch], \

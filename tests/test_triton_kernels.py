@@ -227,6 +227,8 @@ ATTENTION_CASES = {
     "decode_gqa4_d80_bs32_fp32": Case("decode", head_size=80, block_size=32, dtype=torch.float32, max_query_len=1),
     "decode_split3_gqa4_d96": Case("decode", head_size=96, max_query_len=1, num_splits=3, tile_n=16),
     "decode_split2_window": Case("decode", kv_heads=2, max_query_len=1, num_splits=2, window=9, tile_n=16),
+    # More splits than tiles (empty splits) and than one merge chunk (a partly masked second chunk).
+    "decode_split7_gqa4_fp32": Case("decode", dtype=torch.float32, max_query_len=1, num_splits=7, tile_n=16),
     "prefill_gqa2_fp32": Case("prefill", kv_heads=2, dtype=torch.float32, tile_n=16),
     "spec_decode_split2_gqa4": Case("spec_decode", max_query_len=3, num_splits=2),
     "mixed_mha_d64": Case("mixed", kv_heads=4),
@@ -270,7 +272,8 @@ def test_paged_attention(interpreter, name):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-@pytest.mark.parametrize("name", ["decode_split3_gqa4_d96", "decode_split2_window", "spec_decode_split2_gqa4"])
+@pytest.mark.parametrize("name", ["decode_split3_gqa4_d96", "decode_split2_window", "decode_split7_gqa4_fp32",
+                                  "spec_decode_split2_gqa4"])
 def test_split_reduction_fused_and_launched(interpreter, monkeypatch, name, fused):
     """Splits merge in the last program (fused, the default) or in a second launch (the path
     torch.compile traces); both agree with the reference and leave the counters zeroed."""
@@ -369,6 +372,7 @@ DECODE_CASES = {
     "gqa4_d80_bs32_fp32_split3": Case("decode", head_size=80, block_size=32, dtype=torch.float32, num_splits=3,
                                       tile_n=16),
     "gqa2_window_split2": Case("decode", kv_heads=2, window=6, num_splits=2, tile_n=16),
+    "gqa4_split7_fp32": Case("decode", dtype=torch.float32, num_splits=7, tile_n=16),
     "gqa4_alibi_soft_cap": Case("decode", alibi=True, soft_cap=2.5),
     "gqa2_fp8_d96_split2": Case("decode", kv_heads=2, head_size=96, fp8=True, num_splits=2),
     "gqa3_d64_fp32": Case("decode", heads=6, kv_heads=2, dtype=torch.float32),
@@ -395,9 +399,10 @@ def test_split_counters_grow_without_freeing(monkeypatch):
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_store_and_decode_split_reduction_fused_and_launched(interpreter, monkeypatch, fused):
+@pytest.mark.parametrize("name", ["gqa4_d80_bs32_fp32_split3", "gqa4_split7_fp32"])
+def test_store_and_decode_split_reduction_fused_and_launched(interpreter, monkeypatch, name, fused):
     monkeypatch.setattr(pa_mod, "FUSED_SPLIT_REDUCE", fused)
-    check_store_and_decode(DECODE_CASES["gqa4_d80_bs32_fp32_split3"])
+    check_store_and_decode(DECODE_CASES[name])
     if fused:
         assert not pa_mod._SPLIT_COUNTERS[torch.device("cpu")].any()
 

@@ -52,6 +52,7 @@ TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within regi
 TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
 PREFILL_NUM_WARPS = 4
 DECODE_NUM_WARPS = 4
+DECODE_NUM_WARPS_FP8 = 4
 NUM_STAGES = 3  # software pipelining depth of the key loop, prefill-shaped steps
 DECODE_NUM_STAGES = 4  # the same for decode-shaped steps
 DECODE_NUM_STAGES_FP8 = 5
@@ -61,8 +62,9 @@ SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction
 MAX_SPLITS = 32
 FP8_DOT_FP16 = True  # fp8 K/V: tile dots in fp16 (see _query_for_dot), not in q's bf16
 FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch) ...
-FUSED_MAX_SPLITS = 8  # ... when there are few: it merges them one after another (H100: 1% faster at
-# 3-5 splits, 40% slower at batch 1's 32 splits than the parallel reduction launch)
+FUSED_MAX_SPLITS = 8  # ... up to this many splits
+FUSED_MERGE_ROWS = 64  # the merge loads [BLOCK_M, chunk, HEAD_PAD] partials with BLOCK_M * chunk <= this
+LONGEST_FIRST = True  # query blocks run from a sequence's end (the longest) to its start
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
@@ -202,26 +204,34 @@ def _attend_range(
 @triton.jit
 def _combine_splits(part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, num_tokens,
                     NUM_HEADS: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
-    """Normalised rows from every split's partial (max, sum, acc), merged online in log2 units."""
+                    BLOCK_M: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+    """Normalised rows from every split's partial (max, sum, acc), in log2 units.
+
+    ``MERGE_CHUNK`` splits at a time as one ``[BLOCK_M, MERGE_CHUNK, HEAD_PAD]`` load, and the
+    chunks unrolled: their loads do not wait on each other, so 32 splits cost a few L2 round
+    trips, not 32. Reads use ``.cg`` (at L2, where the other programs' writes are, never a stale
+    L1 line).
+    """
     offs_d = tl.arange(0, HEAD_PAD)
+    offs_c = tl.arange(0, MERGE_CHUNK)
+    row = tok * NUM_HEADS + head  # split 0's row; tok is int64
+    split_stride = num_tokens * NUM_HEADS
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for c in tl.static_range(0, NUM_SPLITS, MERGE_CHUNK):
+        rows = (c + offs_c)[None, :] * split_stride + row[:, None]
+        ok = row_valid[:, None] & ((c + offs_c) < NUM_SPLITS)[None, :]
+        m = tl.maximum(m, tl.max(tl.load(part_m_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg"), axis=1))
+    m = tl.where(m == float("-inf"), 0.0, m)  # rows no split saw a key for
     l = tl.zeros([BLOCK_M], dtype=tl.float32)
     o = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        row = (s * num_tokens + tok) * NUM_HEADS + head
-        # .cg: read at L2, where the other programs' writes are, never a stale L1 line.
-        m_s = tl.load(part_m_ptr + row, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(part_l_ptr + row, mask=row_valid, other=0.0, cache_modifier=".cg")
-        a_s = tl.load(part_acc_ptr + row[:, None] * HEAD_PAD + offs_d[None, :], mask=row_valid[:, None],
+    for c in tl.static_range(0, NUM_SPLITS, MERGE_CHUNK):
+        rows = (c + offs_c)[None, :] * split_stride + row[:, None]
+        ok = row_valid[:, None] & ((c + offs_c) < NUM_SPLITS)[None, :]
+        w = tl.exp2(tl.load(part_m_ptr + rows, mask=ok, other=float("-inf"), cache_modifier=".cg") - m[:, None])
+        l += tl.sum(w * tl.load(part_l_ptr + rows, mask=ok, other=0.0, cache_modifier=".cg"), axis=1)
+        acc = tl.load(part_acc_ptr + rows[:, :, None] * HEAD_PAD + offs_d[None, None, :], mask=ok[:, :, None],
                       other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m - m_safe)
-        w = tl.exp2(m_s - m_safe)
-        l = l * alpha + w * l_s
-        o = o * alpha[:, None] + w[:, None] * a_s
-        m = m_new
+        o += tl.sum(w[:, :, None] * acc, axis=1)
     return o / tl.where(l == 0.0, 1.0, l)[:, None]
 
 
@@ -230,7 +240,7 @@ def _store_result(
     acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, sem_index, tok, head, row_valid,
     split, num_tokens, s_ot, s_oh, s_od,
     NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr, BLOCK_M: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     """Normalised rows into ``out`` (one split), or the partial (max, sum, acc) of this split.
 
@@ -254,7 +264,7 @@ def _store_result(
             arrived = tl.atomic_add(sem_ptr + sem_index, 1, sem="acq_rel", scope="gpu")
             if arrived == NUM_SPLITS - 1:
                 o = _combine_splits(part_acc_ptr, part_m_ptr, part_l_ptr, tok, head, row_valid, num_tokens,
-                                    NUM_HEADS, HEAD_PAD, NUM_SPLITS, BLOCK_M)
+                                    NUM_HEADS, HEAD_PAD, NUM_SPLITS, BLOCK_M, MERGE_CHUNK)
                 tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(sem_ptr + sem_index, 0)
 
@@ -309,8 +319,11 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
 ):
     q_block = tl.program_id(0)
+    if LONGEST_FIRST:  # a sequence's last query blocks see the most keys: start them first (less tail)
+        q_block = tl.num_programs(0) - 1 - q_block
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     offs_m = tl.arange(0, BLOCK_M)
@@ -368,7 +381,7 @@ def _paged_attention_kernel(
     _store_result(
         acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, q_block * tl.num_programs(1) + kvh,
         tok, head, row_valid, split, num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
-        FUSED_REDUCE, BLOCK_M,
+        FUSED_REDUCE, BLOCK_M, MERGE_CHUNK,
     )
 
 
@@ -418,6 +431,12 @@ def choose_num_splits(
         min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS)
 
 
+def merge_chunk(num_splits: int, block_m: int) -> int:
+    """Splits per load in the in-kernel merge (:func:`_combine_splits`): as many as fit
+    ``FUSED_MERGE_ROWS`` rows of partials, a power of two."""
+    return max(1, min(_jit.next_power_of_2(num_splits), FUSED_MERGE_ROWS // block_m))
+
+
 def tile_config(
     *, num_queries_per_kv: int, head_size: int, max_query_len: int, interpret: bool, fp8: bool = False,
 ) -> tuple[int, int, int, int, int]:
@@ -428,7 +447,7 @@ def tile_config(
         block_m = min(block_m, max(PREFILL_BLOCK_M, group_pad))
         num_warps, num_stages, tile_n = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_TILE_N_GPU
         if fp8:
-            num_stages, tile_n = DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
+            num_warps, num_stages, tile_n = DECODE_NUM_WARPS_FP8, DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
     else:
         block_m = max(PREFILL_BLOCK_M, group_pad)
         num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
@@ -558,7 +577,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         FUSED_REDUCE=num_splits > 1 and reduce_launch is None,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, DOT_FP32=interpret or q.dtype == torch.float32,
-        FP8_DOT_FP16=FP8_DOT_FP16, num_warps=num_warps, num_stages=num_stages,
+        FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m), LONGEST_FIRST=LONGEST_FIRST,
+        num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
     return (attn_grid, attn_args, attn_constexprs), reduce_launch

@@ -34,6 +34,7 @@ from .paged_attention import (
     check_attention_args,
     choose_num_splits,
     launch_planned,
+    merge_chunk,
     num_sms,
     split_workspace,
     tile_config,
@@ -52,7 +53,7 @@ def _store_and_decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
-    FP8_DOT_FP16: tl.constexpr,
+    FP8_DOT_FP16: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -126,7 +127,7 @@ def _store_and_decode_kernel(
     _store_result(
         acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, b * tl.num_programs(1) + kvh,
         tok, head, row_valid, split, num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
-        FUSED_REDUCE, BLOCK_M,
+        FUSED_REDUCE, BLOCK_M, MERGE_CHUNK,
     )
 
 
@@ -165,14 +166,15 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         num_seqs, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
+    block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(group))
     constexprs = dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=max(DECODE_BLOCK_M, _jit.next_power_of_2(group)), TILE_N=tile_n, NUM_SPLITS=num_splits,
+        BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits,
         FUSED_REDUCE=num_splits > 1 and reduce_launch is None, USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
         DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=paged_attention.FP8_DOT_FP16,
-        num_warps=num_warps, num_stages=num_stages,
+        MERGE_CHUNK=merge_chunk(num_splits, block_m), num_warps=num_warps, num_stages=num_stages,
     )
     return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
 
