@@ -49,6 +49,8 @@ class AttentionSpec:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
+        if self.scale is not None and not self.scale > 0:
+            raise ValueError(f"scale must be positive or None, got {self.scale}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
         if self.logits_soft_cap is not None and self.logits_soft_cap <= 0:

@@ -1,5 +1,5 @@
 """Flash-decoding split counts from static shapes, shared by our Triton kernels and the
-FlashAttention-3 backend (no Triton import here)."""
+FlashAttention-3 backend, and the cached device properties they read (no Triton import here)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,18 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` of a CUDA device (cached host property); ``(0, 0)`` for CPU."""
+    if device.type != "cuda":
+        return (0, 0)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def split_count(

@@ -3,7 +3,7 @@
     python scripts/tune_kernels.py --json out/tune.json [--budget-s 300] [--sweep NAME]
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
-``fp8-dot``, ``schedule`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
+``fp8-dot``, ``schedule``, ``defaults`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
 combination), or is a list of whole configurations.
 
 Each configuration patches the module constants of compiled_attn.kernels.paged_attention (they
@@ -64,7 +64,14 @@ SCHEDULE_CASES = [
     ("prefill 1x16384", "bf16", "triton", PREFILL_CONFIGS),
     ("prefill 4x2048 over 8192 cached", "bf16", "triton", {"LONGEST_FIRST": (False, True)}),
 ]
-SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES}
+# --sweep defaults: every case once as the package is (an A/B of two checkouts: PYTHONPATH=<tree>).
+DEFAULT_CASES = [(name, kv, "triton" if name.startswith("prefill") else "trtllm", [{}])
+                 for name in ("decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384",
+                              "decode ragged 64x[256,8192]", "prefill 8x2048", "prefill 1x16384",
+                              "prefill 4x2048 over 8192 cached")
+                 for kv in (("bf16", "fp8") if name == "decode 64x16384" else ("bf16",))]
+SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
+          "defaults": DEFAULT_CASES}
 
 
 def configurations(sweep) -> list[dict]:

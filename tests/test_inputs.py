@@ -27,6 +27,8 @@ def test_spec_validation():
         AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, alibi_slopes=[0.1, 0.2])
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, kv_cache_dtype="int3")
+    with pytest.raises(ValueError, match="scale must be positive"):
+        AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, scale=0.0)
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from compiled_attn.kernels import paged_attention as pa  # noqa: E402
 from compiled_attn.kernels import store_and_decode as sd  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
+H100_SHARED = 227 * 1024  # opt-in shared memory per block
 # Arch -> the opt-in shared memory per block (bytes) of the smallest GPU of that generation.
 OTHER_TARGETS = {89: 99 * 1024, 80: 163 * 1024}
 FLOAT_ARGS = ("scale", "softcap")
@@ -50,8 +51,20 @@ def _signature(kernel, constexprs: dict, kv: str) -> dict[str, str]:
     return sig
 
 
+def _jit_specialisation(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """What Triton's launcher would specialise for real tensors: unit innermost strides become
+    constants, and pointers and the other strides are known multiples of 16 (16-byte aligned
+    rows, which is what lets the compiler vectorise and pipeline the K/V loads)."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    constexprs = dict(constexprs, **{n: 1 for n in names if n.startswith("s_") and n.endswith("d")})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constexprs and (n.endswith("_ptr") or (n.startswith("s_") and n != "s_bt"))}
+    return constexprs, attrs
+
+
 def _compile(kernel, constexprs: dict, kv: str, num_warps: int = 4, num_stages: int = 2, target=H100):
-    source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, kv), constexprs=constexprs)
+    constexprs, attrs = _jit_specialisation(kernel, constexprs)
+    source = ASTSource(fn=kernel, signature=_signature(kernel, constexprs, kv), constexprs=constexprs, attrs=attrs)
     try:
         compiled = triton.compile(source, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
     except RuntimeError as err:
@@ -67,16 +80,19 @@ FEATURES = dict(USE_WINDOW=True, USE_ALIBI=True, USE_SOFTCAP=True, DOT_FP32=Fals
 
 @pytest.mark.parametrize("head_size", [80, 128, 256])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("shape", ["decode_split4", "prefill"])
+@pytest.mark.parametrize("shape", ["decode_split4", "prefill", "long_prefill"])
 def test_paged_attention_compiles_for_sm90(shape, fp8, head_size):
     decode = shape.startswith("decode")
+    max_query_len = 1 if decode else pa.LONG_PREFILL_QUERY_LEN if shape == "long_prefill" else 2048
     block_m, block_q, tile_n, warps, stages = pa.tile_config(
-        num_queries_per_kv=4, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False, fp8=fp8)
+        num_queries_per_kv=4, head_size=head_size, max_query_len=max_query_len, interpret=False, fp8=fp8,
+        hopper=True)
     constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
                       BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,
                       NUM_SPLITS=4 if decode else 1, FUSED_REDUCE=decode, IS_FP8=fp8,
                       MERGE_CHUNK=pa.merge_chunk(4, block_m), LONGEST_FIRST=True)
-    _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
+    compiled = _compile(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
+    assert compiled.metadata.shared <= H100_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
 
 
 @pytest.mark.parametrize("fp8", [False, True])
@@ -100,7 +116,7 @@ def test_paged_attention_compiles_for_ampere_and_ada(shape, fp8, arch):
     for head_size in (128, 256):
         block_m, block_q, tile_n, warps, stages = pa.tile_config(
             num_queries_per_kv=4, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False,
-            fp8=fp8)
+            fp8=fp8, hopper=False)
         constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=head_size, BLOCK_SIZE=16,
                           BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=4 if decode else 1,
                           FUSED_REDUCE=decode, IS_FP8=fp8, MERGE_CHUNK=pa.merge_chunk(4, block_m),

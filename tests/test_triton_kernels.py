@@ -522,6 +522,14 @@ def test_unsupported_inputs_raise_clear_errors(interpreter, monkeypatch):
     with pytest.raises(ValueError, match="block_size 8"):
         pa_mod.paged_attention(b.q, cache8, m.query_start_loc, m.seq_lens, m.block_table, b.q.clone(),
                                max_query_len=1, scale=1.0, k_scale=one, v_scale=one)
+    for bad in (0.0, -0.125, float("nan")):
+        with pytest.raises(ValueError, match="scale must be positive"):
+            pa_mod.paged_attention(b.q, b.kv_cache, m.query_start_loc, m.seq_lens, m.block_table, b.q.clone(),
+                                   max_query_len=1, scale=bad, k_scale=one, v_scale=one)
+        n = m.seq_lens.shape[0]
+        with pytest.raises(ValueError, match="scale must be positive"):
+            sd_mod.store_and_decode(b.q[:n], b.k[:n], b.v[:n], b.kv_cache, m.seq_lens, m.block_table,
+                                    m.slot_mapping[:n], b.q[:n].clone(), scale=bad, k_scale=one, v_scale=one)
     with pytest.raises(ValueError, match="one token per sequence"):
         sd_mod.store_and_decode(b.q, b.k, b.v, b.kv_cache, m.seq_lens[:2], m.block_table[:2], m.slot_mapping,
                                 b.q.clone(), scale=1.0, k_scale=one, v_scale=one)

@@ -32,6 +32,7 @@ from .paged_attention import (
     _store_result,
     _tanh,
     check_attention_args,
+    check_scale,
     choose_num_splits,
     launch_planned,
     merge_chunk,
@@ -142,6 +143,7 @@ def _check(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out) -> None:
 
 def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *, scale, sliding_window,
                  logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n):
+    check_scale(scale)
     num_seqs, num_heads, head_size = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = num_heads // kv_heads
