@@ -82,7 +82,7 @@ class Workload:
 
 
 def build_workload(case: Case, spec: AttentionSpec, *, block_size: int, dtype: torch.dtype, device: str,
-                   seed: int = 0) -> Workload:
+                   seed: int = 0, contiguous_pages: bool = False) -> Workload:
     g = torch.Generator(device=device).manual_seed(seed)
     kv_bytes = 2 * sum(case.seq_lens) * spec.num_kv_heads * spec.head_size * spec.cache_dtype(dtype).itemsize
     replicas = max(1, min(16, math.ceil(L2_ROTATION_BYTES / kv_bytes)))
@@ -91,7 +91,10 @@ def build_workload(case: Case, spec: AttentionSpec, *, block_size: int, dtype: t
     cache_dtype = spec.cache_dtype(dtype)
     kv_cache = torch.randn(2, num_blocks, block_size, spec.num_kv_heads, spec.head_size, device=device,
                            dtype=dtype, generator=g).to(cache_dtype)
-    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    # Random page order (a long-running server's pool); contiguous_pages: each sequence's pages
+    # in order, one after another (to tell the paging's cost from the kernel's).
+    order = (list(range(num_blocks)) if contiguous_pages
+             else torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist())
     metas, qkv, outs = [], [], []
     tokens = sum(case.query_lens)
     for _ in range(replicas):

@@ -3,7 +3,8 @@
     python scripts/tune_kernels.py --json out/tune.json [--budget-s 300] [--sweep NAME]
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
-``fp8-dot``, ``schedule``, ``defaults`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
+``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill`` (see ``SWEEPS``). ``--contiguous-pages``: each
+sequence's pages in order instead of the random pool order. A sweep maps a constant to the values to try (every
 combination), or is a list of whole configurations.
 
 Each configuration patches the module constants of compiled_attn.kernels.paged_attention (they
@@ -70,7 +71,27 @@ DEFAULT_CASES = [(name, kv, "triton" if name.startswith("prefill") else "trtllm"
                               "decode ragged 64x[256,8192]", "prefill 8x2048", "prefill 1x16384",
                               "prefill 4x2048 over 8192 cached")
                  for kv in (("bf16", "fp8") if name == "decode 64x16384" else ("bf16",))]
-SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
+# --sweep splits: the decode cases at each split count (MAX_SPLITS caps the heuristic's), and
+# 256-row prefill tiles.
+SPLITS_CASES = [
+    ("decode 32x4096", "bf16", "trtllm", {"MAX_SPLITS": (1, 2, 3, 4, 5, 6)}),
+    ("decode 128x2048", "bf16", "trtllm", {"MAX_SPLITS": (1, 2, 3)}),
+    ("decode 64x16384", "bf16", "trtllm", {"MAX_SPLITS": (1, 2, 3, 4)}),
+    ("decode 64x16384", "fp8", "trtllm", {"MAX_SPLITS": (1, 2, 3, 4)}),
+    ("decode ragged 64x[256,8192]", "bf16", "trtllm", {"MAX_SPLITS": (2, 3, 4, 6, 8)}),
+    ("prefill 8x2048", "bf16", "triton", [{}, dict(PREFILL_BLOCK_M=256, TILE_N_GPU=32, PREFILL_NUM_WARPS=8),
+                                          dict(PREFILL_BLOCK_M=256, TILE_N_GPU=64, PREFILL_NUM_WARPS=8)]),
+    ("prefill 1x16384", "bf16", "triton", [{}, dict(PREFILL_BLOCK_M=256, LONG_PREFILL_TILE_N=32)]),
+]
+# --sweep prefill: 256-row tiles (64 tokens x 4 heads) with 8 warps against the defaults.
+ROWS_256 = [dict(PREFILL_BLOCK_M=256, TILE_N_GPU=64, PREFILL_NUM_WARPS=8, NUM_STAGES=st) for st in (2, 3)]
+PREFILL_256_CASES = [
+    ("prefill 8x2048", "bf16", "triton", [{}, *ROWS_256]),
+    ("prefill 4x2048 over 8192 cached", "bf16", "triton", [{}, *ROWS_256]),
+    ("prefill 1x16384", "bf16", "triton", [{}, *[dict(PREFILL_BLOCK_M=256, LONG_PREFILL_TILE_N=64, NUM_STAGES=st)
+                                                 for st in (2, 3)]]),
+]
+SWEEPS = {"tiles": CASES, "splits": SPLITS_CASES, "prefill": PREFILL_256_CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES}
 
 
@@ -111,6 +132,7 @@ def main() -> None:
     parser.add_argument("--json", default="tune.json")
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="tiles")
+    parser.add_argument("--contiguous-pages", action="store_true", help="pages in order (see bench.build_workload)")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
@@ -120,7 +142,8 @@ def main() -> None:
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.LLAMA3_8B if kv == "bf16" else dataclasses.replace(bench.LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
-        workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda")
+        workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda",
+                                        contiguous_pages=args.contiguous_pages)
         configs = configurations(sweep)
         defaults = {k: getattr(pa, k) for config in configs for k in config}
         for config in configs:
@@ -129,6 +152,8 @@ def main() -> None:
             for k, v in config.items():
                 setattr(pa, k, v)
             row = {"case": name, "kv": kv, "backend": backend, **config}
+            if args.contiguous_pages:
+                row["pages"] = "contiguous"
             try:
                 row["us"] = bench.time_graph(bench.backend_contender(backend)(workload), len(workload.metas))
             except Exception as err:  # a config that does not compile (shared memory) is a result

@@ -63,6 +63,10 @@ SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode bucke
 SPLIT_TARGET_PROGRAMS_PER_SM = 8  # flash-decoding: about 8 programs per SM (ragged batches gain most)
 SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction than it saves
 MAX_SPLITS = 32
+# Decode programs an SM runs at once (H100, Triton 3.6: 123-126 registers for bf16 K/V, 254-255
+# for fp8; benchmarks/tune_h100.json "kernels"). The split count avoids part-empty last waves with
+# them: 32x4096 takes 4 splits, not 5 (196 vs 207 us).
+DECODE_RESIDENT_PER_SM, DECODE_RESIDENT_PER_SM_FP8 = 4, 2
 FP8_DOT_FP16 = True  # fp8 K/V: tile dots in fp16 (see _query_for_dot), not in q's bf16
 FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch) ...
 FUSED_MAX_SPLITS = 8  # ... up to this many splits
@@ -427,14 +431,16 @@ def _reduce_splits_kernel(
 
 def choose_num_splits(
     *, num_query_blocks: int, num_kv_heads: int, max_context: int, max_query_len: int, num_sms: int,
+    fp8: bool = False,
 ) -> int:
     """Flash-decoding split count from static shapes: enough programs to fill the GPU, no split
-    shorter than ``SPLIT_MIN_KEYS``; 1 for prefill-like buckets (this module's constants, read
-    at call time so the tuning script can patch them)."""
+    shorter than ``SPLIT_MIN_KEYS``, whole waves where that is cheap; 1 for prefill-like buckets
+    (this module's constants, read at call time so the tuning script can patch them)."""
     return split_count(
         programs=num_query_blocks * num_kv_heads, max_context=max_context, max_query_len=max_query_len,
         num_sms=num_sms, split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_PROGRAMS_PER_SM,
-        min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS)
+        min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS,
+        resident_per_sm=DECODE_RESIDENT_PER_SM_FP8 if fp8 else DECODE_RESIDENT_PER_SM)
 
 
 def merge_chunk(num_splits: int, block_m: int) -> int:
@@ -580,7 +586,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         busy_blocks = num_seqs * max(1, math.ceil(max_query_len / block_q))
         num_splits = choose_num_splits(
             num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
-            max_query_len=max_query_len, num_sms=num_sms(q.device))
+            max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=kv_cache.dtype == torch.float8_e4m3fn)
     head_pad = _jit.next_power_of_2(head_size)
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,

@@ -155,7 +155,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     if not num_splits:
         num_splits = choose_num_splits(
             num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
-            max_query_len=1, num_sms=num_sms(q.device))
+            max_query_len=1, num_sms=num_sms(q.device), fp8=kv_cache.dtype == torch.float8_e4m3fn)
     head_pad = _jit.next_power_of_2(head_size)
     # The reduction reads validity from seq_lens (padding sequences have length 0), so its
     # query_start_loc argument is a placeholder.
