@@ -71,27 +71,20 @@ DEFAULT_CASES = [(name, kv, "triton" if name.startswith("prefill") else "trtllm"
                               "decode ragged 64x[256,8192]", "prefill 8x2048", "prefill 1x16384",
                               "prefill 4x2048 over 8192 cached")
                  for kv in (("bf16", "fp8") if name == "decode 64x16384" else ("bf16",))]
-# --sweep splits: the decode cases at each split count (MAX_SPLITS caps the heuristic's), and
-# 256-row prefill tiles.
+# --sweep splits: the decode cases at each split count (MAX_SPLITS caps the heuristic's).
 SPLITS_CASES = [
     ("decode 32x4096", "bf16", "trtllm", {"MAX_SPLITS": (1, 2, 3, 4, 5, 6)}),
     ("decode 128x2048", "bf16", "trtllm", {"MAX_SPLITS": (1, 2, 3)}),
     ("decode 64x16384", "bf16", "trtllm", {"MAX_SPLITS": (1, 2, 3, 4)}),
     ("decode 64x16384", "fp8", "trtllm", {"MAX_SPLITS": (1, 2, 3, 4)}),
     ("decode ragged 64x[256,8192]", "bf16", "trtllm", {"MAX_SPLITS": (2, 3, 4, 6, 8)}),
-    ("prefill 8x2048", "bf16", "triton", [{}, dict(PREFILL_BLOCK_M=256, TILE_N_GPU=32, PREFILL_NUM_WARPS=8),
-                                          dict(PREFILL_BLOCK_M=256, TILE_N_GPU=64, PREFILL_NUM_WARPS=8)]),
-    ("prefill 1x16384", "bf16", "triton", [{}, dict(PREFILL_BLOCK_M=256, LONG_PREFILL_TILE_N=32)]),
 ]
-# --sweep prefill: 256-row tiles (64 tokens x 4 heads) with 8 warps against the defaults.
-ROWS_256 = [dict(PREFILL_BLOCK_M=256, TILE_N_GPU=64, PREFILL_NUM_WARPS=8, NUM_STAGES=st) for st in (2, 3)]
-PREFILL_256_CASES = [
-    ("prefill 8x2048", "bf16", "triton", [{}, *ROWS_256]),
-    ("prefill 4x2048 over 8192 cached", "bf16", "triton", [{}, *ROWS_256]),
-    ("prefill 1x16384", "bf16", "triton", [{}, *[dict(PREFILL_BLOCK_M=256, LONG_PREFILL_TILE_N=64, NUM_STAGES=st)
-                                                 for st in (2, 3)]]),
-]
-SWEEPS = {"tiles": CASES, "splits": SPLITS_CASES, "prefill": PREFILL_256_CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
+# --sweep prefill: the Hopper prefill tiles (256 rows, 8 warps) against 128 rows with 4 or 8 warps.
+PREFILL_ROWS = [{}, dict(PREFILL_BLOCK_M=128, PREFILL_NUM_WARPS=4), dict(PREFILL_BLOCK_M=128, PREFILL_NUM_WARPS=8),
+                dict(NUM_STAGES=2)]
+PREFILL_ROWS_CASES = [(name, "bf16", "triton", PREFILL_ROWS) for name in (
+    "prefill 8x2048", "prefill 4x2048 over 8192 cached", "prefill 1x16384")]
+SWEEPS = {"tiles": CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES}
 
 

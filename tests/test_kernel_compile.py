@@ -80,12 +80,11 @@ FEATURES = dict(USE_WINDOW=True, USE_ALIBI=True, USE_SOFTCAP=True, DOT_FP32=Fals
 
 @pytest.mark.parametrize("head_size", [80, 128, 256])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("shape", ["decode_split4", "prefill", "long_prefill"])
+@pytest.mark.parametrize("shape", ["decode_split4", "prefill"])
 def test_paged_attention_compiles_for_sm90(shape, fp8, head_size):
     decode = shape.startswith("decode")
-    max_query_len = 1 if decode else pa.LONG_PREFILL_QUERY_LEN if shape == "long_prefill" else 2048
     block_m, block_q, tile_n, warps, stages = pa.tile_config(
-        num_queries_per_kv=4, head_size=head_size, max_query_len=max_query_len, interpret=False, fp8=fp8,
+        num_queries_per_kv=4, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False, fp8=fp8,
         hopper=True)
     constexprs = dict(FEATURES, G=4, NUM_HEADS=32, HEAD=head_size, HEAD_PAD=triton.next_power_of_2(head_size),
                       BLOCK_SIZE=16, BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n,

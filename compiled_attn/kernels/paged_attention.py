@@ -43,17 +43,17 @@ from . import _jit
 
 # ---- tunables (not autotuned: one config per static shape keeps CUDA-graph capture simple) ----
 # Values from benchmarks/tune_h100.json (H100, scripts/tune_kernels.py, graph-replayed).
-PREFILL_BLOCK_M = 128  # query rows (tokens x heads of a group) per program in prefill
+PREFILL_BLOCK_M = 256  # query rows (tokens x heads of a group) per prefill program: Hopper, heads <= 128
+PREFILL_NUM_WARPS = 8  # (two warpgroups; 131 KB of shared memory)
+SMALL_PREFILL_BLOCK_M = 128  # other GPUs (Ada has 99 KB of shared memory a block) and larger heads
+SMALL_PREFILL_NUM_WARPS = 4
+DECODE_MAX_BLOCK_M = 128  # spec-decode rows (query tokens x group) per program, at most
 DECODE_BLOCK_M = 16  # smallest tl.dot M; decode rows are G heads of one token
 TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128), prefill-shaped steps
 DECODE_TILE_N_GPU = 64  # the same for decode-shaped steps (max_query_len <= SPLIT_MAX_QUERY_LEN)
 DECODE_TILE_N_GPU_FP8 = 128  # fp8 K/V: twice the keys for the same bytes per tile
 TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
 TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
-PREFILL_NUM_WARPS = 4
-LONG_PREFILL_QUERY_LEN = 8192  # on Hopper, buckets of at least this many query tokens a sequence use ...
-LONG_PREFILL_TILE_N, LONG_PREFILL_NUM_WARPS = 128, 8  # ... these (H100: 7% faster at 1x16384, 2% slower at
-# 8x2048; 161 KB of shared memory, more than Ada has)
 DECODE_NUM_WARPS = 4
 DECODE_NUM_WARPS_FP8 = 4
 NUM_STAGES = 3  # software pipelining depth of the key loop, prefill-shaped steps
@@ -454,26 +454,26 @@ def tile_config(
     hopper: bool = False,
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_Q, TILE_N, num_warps, num_stages) for a static shape (``fp8``: fp8 K/V;
-    ``hopper``: an sm_90+ GPU, where long prefills take larger tiles)."""
+    ``hopper``: an sm_90+ GPU, whose shared memory takes 256-row prefill tiles)."""
     group_pad = _jit.next_power_of_2(num_queries_per_kv)
     if max_query_len <= SPLIT_MAX_QUERY_LEN:
         block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(num_queries_per_kv * max(max_query_len, 1)))
-        block_m = min(block_m, max(PREFILL_BLOCK_M, group_pad))
+        block_m = min(block_m, max(DECODE_MAX_BLOCK_M, group_pad))
         num_warps, num_stages, tile_n = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_TILE_N_GPU
         if fp8:
             num_warps, num_stages, tile_n = DECODE_NUM_WARPS_FP8, DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
-    else:
+    elif hopper and head_size <= 128:
         block_m = max(PREFILL_BLOCK_M, group_pad)
         num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
-        if hopper and max_query_len >= LONG_PREFILL_QUERY_LEN:
-            num_warps, tile_n = LONG_PREFILL_NUM_WARPS, LONG_PREFILL_TILE_N
+    else:
+        block_m = max(SMALL_PREFILL_BLOCK_M, group_pad)
+        num_warps, num_stages, tile_n = SMALL_PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
+        if head_size > 128 and not hopper:  # 128 rows of a 256-wide head: 104 KB of shared memory
+            block_m = max(SMALL_PREFILL_BLOCK_M // 2, group_pad)
     if interpret:
         tile_n = TILE_N_INTERPRETER
     elif head_size > 128:
         tile_n = min(tile_n, TILE_N_GPU_LARGE_HEAD)
-        if not hopper and max_query_len > SPLIT_MAX_QUERY_LEN:
-            # 128-row tiles of a 256-wide head need 104 KB of shared memory; Ada has 99.
-            block_m = min(block_m, max(PREFILL_BLOCK_M // 2, group_pad))
     return block_m, block_m // num_queries_per_kv, tile_n, num_warps, num_stages
 
 
