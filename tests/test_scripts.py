@@ -1,0 +1,44 @@
+"""The GPU-only tuning and profiling scripts stay in step with the package: every sweep names
+bench cases and kernel constants that exist (a renamed constant would otherwise be set on the
+module and silently change nothing)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton", reason="the sweeps patch the Triton kernels' constants")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import profile_case  # noqa: E402
+import tune_kernels  # noqa: E402
+
+from compiled_attn import bench  # noqa: E402
+from compiled_attn.kernels import paged_attention as pa  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(tune_kernels.SWEEPS))
+def test_sweeps_name_real_cases_and_constants(name):
+    cases = {c.name for c in bench.CASES}
+    for case, kv, backend, sweep in tune_kernels.SWEEPS[name]:
+        assert case in cases and kv in ("bf16", "fp8") and backend in ("triton", "trtllm")
+        configs = tune_kernels.configurations(sweep)
+        assert configs, f"{name}/{case}: no configuration"
+        for config in configs:
+            for constant in config:
+                assert hasattr(pa, constant), f"{name}/{case}: paged_attention has no {constant}"
+
+
+def test_configurations_expand_products_and_keep_lists():
+    assert tune_kernels.configurations({"A": (1, 2), "B": (3,)}) == [{"A": 1, "B": 3}, {"A": 2, "B": 3}]
+    assert tune_kernels.configurations([{}, {"A": 1}]) == [{}, {"A": 1}]
+
+
+def test_profile_summary_takes_medians_per_kernel():
+    rows = [{"name": "attn", "us": 10.0, "gap_us": None}, {"name": "reduce", "us": 2.0, "gap_us": 0.5},
+            {"name": "attn", "us": 12.0, "gap_us": 0.4}, {"name": "reduce", "us": 3.0, "gap_us": 0.3}]
+    summary = {r["name"]: r for r in profile_case.summarise(rows)}
+    assert summary["attn"]["count"] == 2 and summary["attn"]["median_us"] == 11.0
+    assert summary["attn"]["median_gap_us"] == 0.4 and summary["reduce"]["median_gap_us"] == 0.4
