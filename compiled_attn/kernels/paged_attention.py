@@ -8,6 +8,8 @@ Grid (static: from T, B, KV heads and the split count, never from tensor values)
 Axis 0 enumerates query blocks: sequence ``s`` owns blocks ``query_start_loc[s] // BLOCK_Q + s``
 onward (one per ``BLOCK_Q`` of its new tokens), found by a binary search over
 ``query_start_loc`` inside the kernel; programs past a sequence's last block exit at once.
+With ``LONGEST_FIRST`` the grid runs the blocks last to first, so the blocks that see the most
+keys start first and the tail of the launch is short ones.
 A program's tile packs ``BLOCK_Q`` query tokens × the ``G`` query heads of one KV head
 (``BLOCK_M = BLOCK_Q * G`` rows, GQA), so every K/V tile is read once per KV group. It walks
 the sequence's keys ``TILE_N`` at a time (each key row finds its cache block through the block
