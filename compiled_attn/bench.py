@@ -82,15 +82,19 @@ class Workload:
 
 
 def build_workload(case: Case, spec: AttentionSpec, *, block_size: int, dtype: torch.dtype, device: str,
-                   seed: int = 0, contiguous_pages: bool = False) -> Workload:
+                   seed: int = 0, contiguous_pages: bool = False, head_major_pages: bool = False) -> Workload:
     g = torch.Generator(device=device).manual_seed(seed)
     kv_bytes = 2 * sum(case.seq_lens) * spec.num_kv_heads * spec.head_size * spec.cache_dtype(dtype).itemsize
     replicas = max(1, min(16, math.ceil(L2_ROTATION_BYTES / kv_bytes)))
     per_replica = [math.ceil(n / block_size) for n in case.seq_lens]
     num_blocks = replicas * sum(per_replica) + 1
     cache_dtype = spec.cache_dtype(dtype)
-    kv_cache = torch.randn(2, num_blocks, block_size, spec.num_kv_heads, spec.head_size, device=device,
-                           dtype=dtype, generator=g).to(cache_dtype)
+    if head_major_pages:  # memory [2, blocks, kv_heads, block_size, D], seen as the usual shape
+        kv_cache = torch.randn(2, num_blocks, spec.num_kv_heads, block_size, spec.head_size, device=device,
+                               dtype=dtype, generator=g).to(cache_dtype).transpose(2, 3)
+    else:
+        kv_cache = torch.randn(2, num_blocks, block_size, spec.num_kv_heads, spec.head_size, device=device,
+                               dtype=dtype, generator=g).to(cache_dtype)
     # Random page order (a long-running server's pool); contiguous_pages: each sequence's pages
     # in order, one after another (to tell the paging's cost from the kernel's).
     order = (list(range(num_blocks)) if contiguous_pages

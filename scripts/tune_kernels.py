@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="tiles")
     parser.add_argument("--contiguous-pages", action="store_true", help="pages in order (see bench.build_workload)")
+    parser.add_argument("--head-major-pages", action="store_true",
+                        help="cache memory [2, blocks, kv_heads, block_size, D] (see bench.build_workload)")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
@@ -136,7 +138,8 @@ def main() -> None:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.LLAMA3_8B if kv == "bf16" else dataclasses.replace(bench.LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
         workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda",
-                                        contiguous_pages=args.contiguous_pages)
+                                        contiguous_pages=args.contiguous_pages,
+                                        head_major_pages=args.head_major_pages)
         configs = configurations(sweep)
         defaults = {k: getattr(pa, k) for config in configs for k in config}
         for config in configs:
@@ -147,6 +150,8 @@ def main() -> None:
             row = {"case": name, "kv": kv, "backend": backend, **config}
             if args.contiguous_pages:
                 row["pages"] = "contiguous"
+            if args.head_major_pages:
+                row["layout"] = "head-major"
             try:
                 row["us"] = bench.time_graph(bench.backend_contender(backend)(workload), len(workload.metas))
             except Exception as err:  # a config that does not compile (shared memory) is a result

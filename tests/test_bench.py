@@ -50,3 +50,4 @@ def test_flex_peer_refuses_ragged_queries_and_fp8():
     workload = bench.build_workload(case, fp8, block_size=16, dtype=torch.float32, device="cpu")
     with pytest.raises(ValueError, match="no fp8"):
         flex_paged_contender(compile=False)(workload)
+

@@ -25,7 +25,7 @@ import torch
 pytest.importorskip("triton")
 
 import compiled_attn as ca  # noqa: E402
-from compiled_attn import AttentionMetadata, ops  # noqa: E402
+from compiled_attn import AttentionMetadata, bench, ops  # noqa: E402
 from compiled_attn.backends import BACKENDS, PRIORITY, select_backend  # noqa: E402
 from compiled_attn.backends.reference import reference_attention  # noqa: E402
 from compiled_attn.kernels import paged_attention as pa_mod  # noqa: E402
@@ -851,3 +851,27 @@ def test_gpu_split_heuristic_fills_the_device():
     assert splits * 8 >= min(sms, 8 * pa_mod.MAX_SPLITS)
     assert pa_mod.choose_num_splits(num_query_blocks=256, num_kv_heads=8, max_context=32768, max_query_len=1,
                                     num_sms=sms) == 1
+
+
+@pytest.mark.parametrize("backend", ["triton", "trtllm"])
+def test_head_major_pages_read_through_strides(interpreter, backend):
+    """The layout experiment's cache (memory [2, blocks, kv_heads, block_size, D], the usual shape
+    through strides): our kernels store and attend through it exactly as through the usual layout."""
+    spec = ca.AttentionSpec(num_heads=8, num_kv_heads=2, head_size=64)
+    case = bench.Case("decode", "decode", (1,) * 3, (37, 64, 5))
+    probe = bench.build_workload(case, spec, block_size=16, dtype=torch.float32, device="cpu", head_major_pages=True)
+    assert probe.kv_cache.stride(3) > probe.kv_cache.stride(2), "head-major memory, usual shape"
+    workload = bench.build_workload(case, spec, block_size=16, dtype=torch.float32, device="cpu")
+    workload.metas, workload.qkv, workload.outs = workload.metas[:1], workload.qkv[:1], workload.outs[:1]
+    token_major = workload.kv_cache
+    head_major = token_major.transpose(2, 3).contiguous().transpose(2, 3)  # same values, other memory order
+    results = []
+    for cache in (token_major, head_major):
+        workload.kv_cache = cache
+        workload.outs[0].fill_(float("nan"))
+        bench.backend_contender(backend)(workload)()
+        results.append((workload.outs[0].clone(), cache.contiguous()))
+    (out, stored), (out_hm, stored_hm) = results
+    assert not out.isnan().any()
+    torch.testing.assert_close(out_hm, out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stored_hm, stored, rtol=0, atol=0)
