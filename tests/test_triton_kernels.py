@@ -875,3 +875,18 @@ def test_head_major_pages_read_through_strides(interpreter, backend):
     assert not out.isnan().any()
     torch.testing.assert_close(out_hm, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stored_hm, stored, rtol=0, atol=0)
+
+
+def test_tile_config_by_device_and_bucket():
+    config = functools.partial(pa_mod.tile_config, num_queries_per_kv=4, interpret=False)
+    # Hopper prefill: 256 rows (64 tokens x 4 heads), 8 warps, when the average sequence fills a tile.
+    assert config(head_size=128, max_query_len=2048, hopper=True, mean_query_len=2048)[:2] == (256, 64)
+    assert config(head_size=128, max_query_len=2048, hopper=True, mean_query_len=2048)[3] == 8
+    # A chunked-prefill step that is mostly decodes (512 + 200 x 1 tokens) keeps 128 rows.
+    assert config(head_size=128, max_query_len=512, hopper=True, mean_query_len=712 / 201)[:2] == (128, 32)
+    # Larger heads, and GPUs before Hopper (shared memory): 128 rows, or 64 for 256-wide heads.
+    assert config(head_size=256, max_query_len=2048, hopper=True, mean_query_len=2048)[0] == 128
+    assert config(head_size=128, max_query_len=2048, hopper=False, mean_query_len=2048)[:2] == (128, 32)
+    assert config(head_size=256, max_query_len=2048, hopper=False, mean_query_len=2048)[0] == 64
+    # Decode buckets: the group's rows, at least 16 (the smallest dot).
+    assert config(head_size=128, max_query_len=1, hopper=True)[:2] == (16, 4)

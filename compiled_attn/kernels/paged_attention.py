@@ -453,10 +453,16 @@ def merge_chunk(num_splits: int, block_m: int) -> int:
 
 def tile_config(
     *, num_queries_per_kv: int, head_size: int, max_query_len: int, interpret: bool, fp8: bool = False,
-    hopper: bool = False,
+    hopper: bool = False, mean_query_len: float | None = None,
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_Q, TILE_N, num_warps, num_stages) for a static shape (``fp8``: fp8 K/V;
-    ``hopper``: an sm_90+ GPU, whose shared memory takes 256-row prefill tiles)."""
+    ``hopper``: an sm_90+ GPU, whose shared memory takes 256-row prefill tiles).
+
+    ``mean_query_len`` (the bucket's tokens per sequence): 256-row tiles only where the average
+    sequence fills one. A chunked-prefill step that is mostly decodes keeps 128-row tiles: every
+    decode row of a mixed step computes a whole tile, and twice the rows would make those
+    memory-bound sequences compute-bound.
+    """
     group_pad = _jit.next_power_of_2(num_queries_per_kv)
     if max_query_len <= SPLIT_MAX_QUERY_LEN:
         block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(num_queries_per_kv * max(max_query_len, 1)))
@@ -464,7 +470,7 @@ def tile_config(
         num_warps, num_stages, tile_n = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_TILE_N_GPU
         if fp8:
             num_warps, num_stages, tile_n = DECODE_NUM_WARPS_FP8, DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
-    elif hopper and head_size <= 128:
+    elif hopper and head_size <= 128 and (mean_query_len or math.inf) * num_queries_per_kv >= PREFILL_BLOCK_M:
         block_m = max(PREFILL_BLOCK_M, group_pad)
         num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
     else:
@@ -581,7 +587,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
     interpret = _jit.interpreting() or q.device.type != "cuda"
     block_m, block_q, default_tile_n, num_warps, num_stages = tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret,
-        fp8=kv_cache.dtype == torch.float8_e4m3fn, hopper=compute_capability(q.device) >= (9, 0))
+        fp8=kv_cache.dtype == torch.float8_e4m3fn, hopper=compute_capability(q.device) >= (9, 0),
+        mean_query_len=q.shape[0] / max(seq_lens.shape[0], 1))
     tile_n = tile_n or default_tile_n
     num_q_blocks = num_tokens // block_q + num_seqs
     if not num_splits:
