@@ -3,9 +3,10 @@
     python scripts/tune_kernels.py --json out/tune.json [--budget-s 300] [--sweep NAME]
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
-``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill`` (see ``SWEEPS``). ``--contiguous-pages``: each
-sequence's pages in order instead of the random pool order. A sweep maps a constant to the values to try (every
-combination), or is a list of whole configurations.
+``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill`` (see ``SWEEPS``). A sweep maps a
+constant to the values to try (every combination), or is a list of whole configurations.
+``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
+``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
 
 Each configuration patches the module constants of compiled_attn.kernels.paged_attention (they
 are read at launch), then times the backend exactly as ``compiled-attn bench`` does.
@@ -31,7 +32,8 @@ CASES = [  # (case name, kv dtype, backend, sweep)
     ("decode 1x4096", "bf16", "trtllm", {"SPLIT_MIN_KEYS": (64, 128, 256), **SPLITS, "DECODE_TILE_N_GPU": (32, 64)}),
     ("decode 32x4096", "bf16", "trtllm", {"SPLIT_MIN_KEYS": (128, 256), **SPLITS}),
     ("decode 64x16384", "bf16", "trtllm", {**SPLITS, "DECODE_NUM_STAGES": (3, 4)}),
-    ("decode 64x16384", "fp8", "trtllm", {**SPLITS, "DECODE_TILE_N_GPU": (64, 128), "DECODE_NUM_STAGES": (3, 4, 5)}),
+    ("decode 64x16384", "fp8", "trtllm", {**SPLITS, "DECODE_TILE_N_GPU_FP8": (64, 128),
+                                          "DECODE_NUM_STAGES_FP8": (3, 4, 5)}),
     ("decode ragged 64x[256,8192]", "bf16", "trtllm", {"SPLIT_MIN_KEYS": (128, 256), **SPLITS}),
     ("prefill 8x2048", "bf16", "triton", PREFILL),
     ("prefill 1x16384", "bf16", "triton", {k: v[-2:] for k, v in PREFILL.items()}),
@@ -84,8 +86,8 @@ PREFILL_ROWS = [{}, dict(PREFILL_BLOCK_M=128, PREFILL_NUM_WARPS=4), dict(PREFILL
                 dict(NUM_STAGES=2)]
 PREFILL_ROWS_CASES = [(name, "bf16", "triton", PREFILL_ROWS) for name in (
     "prefill 8x2048", "prefill 4x2048 over 8192 cached", "prefill 1x16384")]
-SWEEPS = {"tiles": CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
-          "defaults": DEFAULT_CASES}
+SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
+          "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES}
 
 
 def configurations(sweep) -> list[dict]:
