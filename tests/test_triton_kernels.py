@@ -890,3 +890,11 @@ def test_tile_config_by_device_and_bucket():
     assert config(head_size=256, max_query_len=2048, hopper=False, mean_query_len=2048)[0] == 64
     # Decode buckets: the group's rows, at least 16 (the smallest dot).
     assert config(head_size=128, max_query_len=1, hopper=True)[:2] == (16, 4)
+
+
+@pytest.mark.parametrize("name", ["prefill_gqa2_fp32", "mixed_gqa4_bs32_window", "mixed_everything_d96"])
+def test_paged_attention_with_256_row_tiles(interpreter, monkeypatch, name):
+    """The Hopper prefill tiles (256 rows: 64 tokens x 4 heads, or 128 x 2) under the interpreter,
+    which otherwise takes the 128-row ones: query blocks longer than every sequence here."""
+    monkeypatch.setattr(pa_mod, "SMALL_PREFILL_BLOCK_M", 256)
+    check_attention_case(ATTENTION_CASES[name])
