@@ -5,7 +5,9 @@ Decode only: one new token per sequence, token ``b`` is sequence ``b`` (T == B),
 ``seq_lens[b] - 1``. Grid ``(B, num_kv_heads, num_splits)``; a program's tile is the ``G`` query
 heads of one KV head (GQA). The program of split 0 stores the token's K/V (quantised for fp8)
 and seeds its softmax with the new key straight from registers; every program reads only
-positions ``< seq_len - 1`` from the cache, so no program waits for the store. With more than
+positions ``< seq_len - 1`` from the cache, so no program waits for the store. Loads that do not
+depend on ``seq_len`` (q, the new K/V, the slot) are issued with it, so the only chain of
+dependent reads is seq_len -> block table -> K/V. With more than
 one split the partials are merged as in :mod:`~compiled_attn.kernels.paged_attention` (by the
 last program of a tile, or by a reduction launch for many splits). Padding sequences
 (``seq_len == 0``) store nothing and get zeros.
@@ -64,7 +66,18 @@ def _store_and_decode_kernel(
     d_ok = offs_d < HEAD
     head = kvh * G + offs_m
     row_valid = offs_m < G
+    # Every load that does not need seq_len is issued with it, so their latencies overlap: the
+    # critical path is seq_len -> block table -> K/V. (A padding sequence reads its padding row.)
     seq_len = tl.load(seq_lens_ptr + b)
+    q = tl.load(q_ptr + b * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=row_valid[:, None] & d_ok[None, :], other=0.0)
+    k_new = tl.load(k_ptr + b * s_kt + kvh * s_kh + offs_d * s_kd, mask=d_ok, other=0.0)
+    v_new = tl.load(v_ptr + b * s_vt + kvh * s_vh + offs_d * s_vd, mask=d_ok, other=0.0)
+    slot = tl.load(slot_ptr + b).to(tl.int64)
+    k_scale, v_scale = 1.0, 1.0
+    if IS_FP8:
+        k_scale = tl.load(k_scale_ptr).to(tl.float32)
+        v_scale = tl.load(v_scale_ptr).to(tl.float32)
     if seq_len <= 0:
         if ((NUM_SPLITS == 1) or FUSED_REDUCE) and split == 0:  # else the reduction launch writes zeros
             dst = out_ptr + b * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
@@ -72,12 +85,10 @@ def _store_and_decode_kernel(
             tl.store(dst, zeros, mask=row_valid[:, None] & d_ok[None, :])
         return
 
-    # The new token's K/V as the cache will hold them.
-    k_new = tl.load(k_ptr + b * s_kt + kvh * s_kh + offs_d * s_kd, mask=d_ok, other=0.0)
-    v_new = tl.load(v_ptr + b * s_vt + kvh * s_vh + offs_d * s_vd, mask=d_ok, other=0.0)
+    # The new token's K/V as the cache will hold them; split 0 stores them.
     if IS_FP8:
-        k_new = tl.math.div_rn(k_new.to(tl.float32), tl.load(k_scale_ptr).to(tl.float32))
-        v_new = tl.math.div_rn(v_new.to(tl.float32), tl.load(v_scale_ptr).to(tl.float32))
+        k_new = tl.math.div_rn(k_new.to(tl.float32), k_scale)
+        v_new = tl.math.div_rn(v_new.to(tl.float32), v_scale)
         k_new = tl.minimum(tl.maximum(k_new, -FP8_MAX), FP8_MAX)
         v_new = tl.minimum(tl.maximum(v_new, -FP8_MAX), FP8_MAX)
         if ROUND_FP8:  # interpreter: see store_kv._round_to_e4m3
@@ -85,14 +96,11 @@ def _store_and_decode_kernel(
             v_new = _round_to_e4m3(v_new)
     k_new = k_new.to(cache_ptr.dtype.element_ty)
     v_new = v_new.to(cache_ptr.dtype.element_ty)
-    slot = tl.load(slot_ptr + b).to(tl.int64)
     if (split == 0) & (slot >= 0):
         dst = cache_ptr + (slot // BLOCK_SIZE) * s_cb + (slot % BLOCK_SIZE) * s_cs + kvh * s_ch + offs_d * s_cd
         tl.store(dst, k_new, mask=d_ok)
         tl.store(dst + s_ckv, v_new, mask=d_ok)
 
-    q = tl.load(q_ptr + b * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
-                mask=row_valid[:, None] & d_ok[None, :], other=0.0)
     q = _query_for_dot(q, IS_FP8, DOT_FP32, FP8_DOT_FP16)
     qk_scale, softcap, slopes = _score_params(scale, softcap, k_scale_ptr, slopes_ptr, head, row_valid,
                                               BLOCK_M, IS_FP8, USE_ALIBI)
@@ -123,7 +131,7 @@ def _store_and_decode_kernel(
         HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
     )
     if IS_FP8:
-        acc = acc * tl.load(v_scale_ptr).to(tl.float32)
+        acc = acc * v_scale
     tok = tl.full([BLOCK_M], 0, dtype=tl.int64) + b
     _store_result(
         acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, b * tl.num_programs(1) + kvh,
