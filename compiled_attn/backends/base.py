@@ -56,14 +56,16 @@ class AttentionBackend:
     cuda_graph_support: ClassVar[str] = "full"
     """``"full"``: every call is capturable (no host syncs, shapes fixed by the bucket)."""
 
+    block_size_message: ClassVar[str] = (
+        "block_size {block_size} is not supported (needs a multiple of {multiple}, at most {largest})")
+    """What :meth:`block_size_reason` says (``str.format`` fields: block_size, multiple, largest)."""
+
     @classmethod
     def block_size_reason(cls, block_size: int) -> str | None:
         """Why pages of ``block_size`` tokens cannot be served, or None (pure arithmetic: checked per call)."""
         if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
-            return (
-                f"block_size {block_size} is not supported (needs a multiple of {cls.block_size_multiple}, "
-                f"at most {cls.max_block_size})"
-            )
+            return cls.block_size_message.format(
+                block_size=block_size, multiple=cls.block_size_multiple, largest=cls.max_block_size)
         return None
 
     @classmethod

@@ -172,16 +172,9 @@ class FlashAttnBackend(AttentionBackend):
     # is raised for anything that is neither sm8x nor sm90).
     compute_capability_majors: ClassVar[tuple[int, ...]] = (8, 9)
     min_version: ClassVar[tuple[int, int]] = (2, 6)  # softcap arrived in 2.6.0
-    @classmethod
-    def block_size_reason(cls, block_size: int) -> str | None:
-        """Why pages of ``block_size`` tokens cannot be served, or None."""
-        if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
-            return (
-                f"block_size {block_size} is not supported: FlashAttention-2's paged KV needs pages that are "
-                f"a multiple of {cls.block_size_multiple} (at most {cls.max_block_size} here); "
-                "use block_size=256 or another backend"
-            )
-        return None
+    block_size_message = (
+        "block_size {block_size} is not supported: FlashAttention-2's paged KV needs pages that are "
+        "a multiple of {multiple} (at most {largest} here); use block_size=256 or another backend")
 
     @classmethod
     def extra_reason(

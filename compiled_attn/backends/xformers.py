@@ -145,16 +145,10 @@ class XFormersBackend(AttentionBackend):
     """CUDA's grid-y limit: triton_splitk launches one grid row per (token, KV head) here, and a
     larger step fails inside the kernel launch ("invalid argument", seen at 16k tokens x 8 heads)."""
 
-    @classmethod
-    def block_size_reason(cls, block_size: int) -> str | None:
-        """Why pages of ``block_size`` tokens cannot be served, or None."""
-        if block_size % cls.block_size_multiple or block_size > cls.max_block_size:
-            return (
-                f"block_size {block_size} is not supported: xFormers' paged split-K kernel needs pages that "
-                f"are a multiple of its BLOCK_N ({cls.block_size_multiple}), at most {cls.max_block_size} here; "
-                "use block_size=64 or 128, or another backend"
-            )
-        return None
+    block_size_message = (
+        "block_size {block_size} is not supported: xFormers' paged split-K kernel needs pages that "
+        "are a multiple of its BLOCK_N ({multiple}), at most {largest} here; "
+        "use block_size=64 or 128, or another backend")
 
     @classmethod
     def extra_reason(
