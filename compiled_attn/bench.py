@@ -156,8 +156,9 @@ def sdpa_dense_contender(sdpa_backend) -> Callable[[Workload], Callable[[], None
     return make
 
 
-def time_graph(fn: Callable[[], None], replicas: int, *, replays: int = 20) -> float:
-    """Median microseconds per call of ``fn``'s ``replicas`` calls, captured in one CUDA graph."""
+def capture_graph(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured in a CUDA graph, after two warm-up calls on a side stream (compiles,
+    workspaces and lazily grown buffers happen there, outside capture)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -167,6 +168,12 @@ def time_graph(fn: Callable[[], None], replicas: int, *, replays: int = 20) -> f
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
+    return graph
+
+
+def time_graph(fn: Callable[[], None], replicas: int, *, replays: int = 20) -> float:
+    """Median microseconds per call of ``fn``'s ``replicas`` calls, captured in one CUDA graph."""
+    graph = capture_graph(fn)
     for _ in range(3):
         graph.replay()
     times = []

@@ -10,27 +10,25 @@ import torch
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
+
+
+def _cuda_properties(device: torch.device):
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device`` (host property, no sync); 1 for CPU (interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
+    return _cuda_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def compute_capability(device: torch.device) -> tuple[int, int]:
     """``(major, minor)`` of a CUDA device (cached host property); ``(0, 0)`` for CPU."""
     if device.type != "cuda":
         return (0, 0)
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+    props = _cuda_properties(device)
+    return (props.major, props.minor)
 
 
 def split_count(

@@ -26,14 +26,7 @@ def contender(name: str):
 
 def kernel_timeline(fn, replays: int = 5) -> list[dict]:
     """(name, start, duration, gap) of every kernel of ``replays`` graph replays, in order (µs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    graph = bench.capture_graph(fn)
     graph.replay()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

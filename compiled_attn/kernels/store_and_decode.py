@@ -25,7 +25,6 @@ import triton.language as tl
 
 from . import _jit, paged_attention
 from .paged_attention import (
-    DECODE_BLOCK_M,
     LOG2E,
     _attend_range,
     _query_for_dot,
@@ -156,7 +155,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = num_heads // kv_heads
     interpret = _jit.interpreting() or q.device.type != "cuda"
-    _, _, default_tile_n, num_warps, num_stages = tile_config(
+    block_m, _, default_tile_n, num_warps, num_stages = tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=interpret,
         fp8=kv_cache.dtype == torch.float8_e4m3fn)
     tile_n = tile_n or default_tile_n
@@ -176,7 +175,6 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         num_seqs, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
-    block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(group))
     constexprs = dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
         BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits,
