@@ -3,6 +3,9 @@ what each call launches, how long each kernel runs and the idle gap before it.
 
     python scripts/profile_case.py --case "decode 1x4096" [--kv fp8] [--backend trtllm] [--json out/profile.json]
 
+``--eager-calls N`` runs each contender N times without a graph or torch.profiler instead, for an
+outside profiler (``scripts/ncu_case.sh`` runs Nsight Compute over it).
+
 Contenders are the ``compiled-attn bench`` ones: ``ours:<backend>`` or a peer name such as
 ``peer:sdpa-cudnn(dense)``.
 """
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--kv", default="bf16", choices=("bf16", "fp8"))
     parser.add_argument("--contender", action="append", default=None, help="default: ours:trtllm")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--eager-calls", type=int, default=0, help="only call each contender this many times")
     args = parser.parse_args()
     cases = {c.name: c for c in bench.CASES}
     spec = bench.LLAMA3_8B if args.kv == "bf16" else dataclasses.replace(bench.LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
@@ -65,6 +69,12 @@ def main() -> None:
     for case in args.case:
         workload = bench.build_workload(cases[case], spec, block_size=16, dtype=torch.bfloat16, device="cuda")
         for name in args.contender or ["ours:trtllm"]:
+            if args.eager_calls:
+                fn = contender(name)(workload)
+                for _ in range(args.eager_calls):
+                    fn()
+                torch.cuda.synchronize()
+                continue
             try:
                 rows = kernel_timeline(contender(name)(workload))
             except Exception as err:  # a contender that cannot take the case is a result

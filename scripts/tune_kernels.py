@@ -3,7 +3,7 @@
     python scripts/tune_kernels.py --json out/tune.json [--budget-s 300] [--sweep NAME]
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
-``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill`` (see ``SWEEPS``). A sweep maps a
+``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages`` (see ``SWEEPS``). A sweep maps a
 constant to the values to try (every combination), or is a list of whole configurations.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 ``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
@@ -86,8 +86,23 @@ PREFILL_ROWS = [{}, dict(PREFILL_BLOCK_M=128, PREFILL_NUM_WARPS=4), dict(PREFILL
                 dict(NUM_STAGES=2)]
 PREFILL_ROWS_CASES = [(name, "bf16", "triton", PREFILL_ROWS) for name in (
     "prefill 8x2048", "prefill 4x2048 over 8192 cached", "prefill 1x16384")]
+# --sweep stages: deeper K/V pipelines. The block-table load that feeds each K/V tile takes part
+# of num_stages, so K/V get fewer shared-memory buffers than stages (sm_90, Triton 3.7's compiler):
+# decode 4 -> 1, 5 -> 2, 7 -> 3 buffers (39, 72, 105 KB: 5, 3, 2 programs an SM); prefill
+# 3 -> 2, 5 -> 3 (131, 164 KB).
+DECODE_STAGES = [{}, dict(DECODE_NUM_STAGES=5, DECODE_RESIDENT_PER_SM=3),
+                 dict(DECODE_NUM_STAGES=7, DECODE_RESIDENT_PER_SM=2)]
+STAGES_CASES = [
+    *[(name, "bf16", "trtllm", DECODE_STAGES) for name in (
+        "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")],
+    ("decode 64x16384", "fp8", "trtllm", {"DECODE_NUM_STAGES_FP8": (5, 7)}),
+    ("decode 32x4096", "fp8", "trtllm", {"DECODE_NUM_STAGES_FP8": (5, 7)}),
+    *[(name, "bf16", "triton", {"NUM_STAGES": (3, 4, 5)}) for name in (
+        "prefill 8x2048", "prefill 1x16384", "prefill 4x2048 over 8192 cached")],
+]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
-          "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES}
+          "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
+          "stages": STAGES_CASES}
 
 
 def configurations(sweep) -> list[dict]:
