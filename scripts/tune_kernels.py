@@ -3,8 +3,9 @@
     python scripts/tune_kernels.py --json out/tune.json [--budget-s 300] [--sweep NAME]
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
-``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages`` (see ``SWEEPS``). A sweep maps a
-constant to the values to try (every combination), or is a list of whole configurations.
+``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps`` (see
+``SWEEPS``). A sweep maps a constant to the values to try (every combination), or is a list of
+whole configurations.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 ``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
 
@@ -100,9 +101,24 @@ STAGES_CASES = [
     *[(name, "bf16", "triton", {"NUM_STAGES": (3, 4, 5)}) for name in (
         "prefill 8x2048", "prefill 1x16384", "prefill 4x2048 over 8192 cached")],
 ]
+# --sweep warps: fewer registers a thread. Prefill: 16 warps give each warpgroup 64 of the 256 rows
+# (128 registers, no spills with 32-key tiles, against 255 and spills at 8 warps / 64 keys);
+# 32-key tiles at 8 warps: 248, no spills. Decode: 2 warps a program (fewer cross-warp softmax
+# reductions), 146 registers at 32 keys (7 programs an SM), 217 at 64 (4).
+PREFILL_WARPS = [{}, dict(TILE_N_GPU=32), dict(TILE_N_GPU=32, NUM_STAGES=4), dict(PREFILL_NUM_WARPS=16),
+                 dict(PREFILL_NUM_WARPS=16, NUM_STAGES=4), dict(PREFILL_NUM_WARPS=16, TILE_N_GPU=32),
+                 dict(PREFILL_NUM_WARPS=16, TILE_N_GPU=32, NUM_STAGES=4)]
+DECODE_WARPS = [{}, dict(DECODE_NUM_WARPS=2, DECODE_TILE_N_GPU=32, DECODE_RESIDENT_PER_SM=7),
+                dict(DECODE_NUM_WARPS=2, DECODE_TILE_N_GPU=64, DECODE_RESIDENT_PER_SM=4)]
+WARPS_CASES = [
+    *[(name, "bf16", "triton", PREFILL_WARPS) for name in (
+        "prefill 8x2048", "prefill 1x16384", "prefill 4x2048 over 8192 cached")],
+    *[(name, "bf16", "trtllm", DECODE_WARPS) for name in (
+        "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")],
+]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
-          "stages": STAGES_CASES}
+          "stages": STAGES_CASES, "warps": WARPS_CASES}
 
 
 def configurations(sweep) -> list[dict]:
