@@ -3,9 +3,9 @@
     python scripts/tune_kernels.py --json out/tune.json [--budget-s 300] [--sweep NAME]
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
-``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps`` (see
-``SWEEPS``). A sweep maps a constant to the values to try (every combination), or is a list of
-whole configurations.
+``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
+``small-grid`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
+combination), or is a list of whole configurations.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 ``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
 
@@ -116,9 +116,14 @@ WARPS_CASES = [
     *[(name, "bf16", "trtllm", DECODE_WARPS) for name in (
         "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")],
 ]
+# --sweep small-grid: batch-1 decode is a chain of dependent instructions in each program (256
+# programs, under one wave): 8 warps split each program's tile work, at half the resident programs.
+SMALL_GRID_CASES = [(name, "bf16", backend, {"DECODE_NUM_WARPS": (4, 8), "DECODE_TILE_N_GPU": (64, 128)})
+                    for name, backend in (("decode 1x4096", "trtllm"), ("decode 1x4096", "triton"))]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
-          "stages": STAGES_CASES, "warps": WARPS_CASES}
+          "stages": STAGES_CASES, "warps": WARPS_CASES,
+          "small-grid": SMALL_GRID_CASES}
 
 
 def configurations(sweep) -> list[dict]:
