@@ -4,6 +4,7 @@ module and silently change nothing)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 pytest.importorskip("triton", reason="the sweeps patch the Triton kernels' constants")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import kernel_asm  # noqa: E402
 import profile_case  # noqa: E402
 import tune_kernels  # noqa: E402
 
@@ -42,3 +44,18 @@ def test_profile_summary_takes_medians_per_kernel():
     summary = {r["name"]: r for r in profile_case.summarise(rows)}
     assert summary["attn"]["count"] == 2 and summary["attn"]["median_us"] == 11.0
     assert summary["attn"]["median_gap_us"] == 0.4 and summary["reduce"]["median_gap_us"] == 0.4
+
+
+def test_kernel_asm_reports_a_patched_decode_kernel(monkeypatch, capsys):
+    """The SASS screen builds the variant a patched constant selects and finds its key loops."""
+    from compiled_attn.kernels import _aot
+
+    if not all(os.path.exists(_aot._tool(name)) for name in ("ptxas", "nvdisasm", "cuobjdump")):
+        pytest.skip("this Triton ships no CUDA binary tools")
+    monkeypatch.setattr(pa, "DECODE_TILE_N_GPU", pa.DECODE_TILE_N_GPU)  # restored after the test
+    report = kernel_asm.main(["decode", "--splits", "4", "--set", "DECODE_TILE_N_GPU=32"])
+    assert report["TILE_N"] == 32 and report["NUM_SPLITS"] == 4 and report["DECODE_TILE_N_GPU"] == 32
+    assert 0 < report["registers"] <= 255 and report["instructions"] > 0
+    assert report["loops"] and all(loop["instructions"] > 0 for loop in report["loops"])
+    assert any("HMMA" in loop["opcodes"] for loop in report["loops"]), "the key loop's dots are tensor-core ops"
+    assert '"registers"' in capsys.readouterr().out

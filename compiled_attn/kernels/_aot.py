@@ -1,0 +1,188 @@
+"""Our kernels compiled for a GPU on a machine without one, and what the machine code says.
+
+Triton ships ``ptxas``, ``cuobjdump`` and ``nvdisasm``, so a kernel can be built for sm_90 (or
+sm_89, sm_80) on the CPU machine, specialised as the JIT would for real tensors, and its SASS
+read: registers, stack (spills), shared memory, instructions per key loop and per source line.
+The compile tests use it to catch kernels that only break the compiled path;
+``scripts/kernel_asm.py`` uses it to screen a kernel variant before spending GPU time on it.
+Timings still need the GPU: fewer instructions are not always faster (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import inspect
+import os
+import re
+import subprocess
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import paged_attention as pa
+from . import store_and_decode as sd
+
+FLOAT_ARGS = ("scale", "softcap")
+INT64_PTRS = ("slot_ptr",)
+INT32_PTRS = ("query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr", "sem_ptr")
+QUERY_PTRS = ("q_ptr", "k_ptr", "v_ptr", "out_ptr")
+
+
+def target(arch: int = 90) -> GPUTarget:
+    """A CUDA target of compute capability ``arch`` (90 = H100)."""
+    return GPUTarget("cuda", arch, 32)
+
+
+def signature(kernel, constexprs: dict, cache_type: str, query_type: str = "*bf16") -> dict[str, str]:
+    """Argument types of one of our kernels (``cache_type``: ``"*bf16"`` or ``"*fp8e4nv"``)."""
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in FLOAT_ARGS:
+            sig[name] = "fp32"
+        elif name in INT64_PTRS:
+            sig[name] = "*i64"
+        elif name in INT32_PTRS:
+            sig[name] = "*i32"
+        elif name == "cache_ptr":
+            sig[name] = cache_type
+        elif name in QUERY_PTRS:
+            sig[name] = query_type
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32"
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def jit_specialisation(kernel, constexprs: dict) -> tuple[dict, dict]:
+    """What Triton's launcher specialises for real tensors: unit innermost strides become
+    constants, and pointers and the other strides are known multiples of 16 (16-byte aligned
+    rows, which is what lets the compiler vectorise and pipeline the K/V loads)."""
+    names = list(inspect.signature(kernel.fn).parameters)
+    constexprs = dict(constexprs, **{n: 1 for n in names if n.startswith("s_") and n.endswith("d")})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in constexprs and (n.endswith("_ptr") or (n.startswith("s_") and n != "s_bt"))}
+    return constexprs, attrs
+
+
+def compile_for(kernel, constexprs: dict, cache_type: str, *, num_warps: int, num_stages: int, arch: int = 90):
+    """The kernel built for ``arch`` as the JIT would build it for a launch with these constexprs."""
+    constexprs, attrs = jit_specialisation(kernel, constexprs)
+    source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, cache_type), constexprs=constexprs,
+                       attrs=attrs)
+    return triton.compile(source, target=target(arch), options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+FEATURES_OFF = dict(USE_WINDOW=False, USE_ALIBI=False, USE_SOFTCAP=False, DOT_FP32=False,
+                    FP8_DOT_FP16=pa.FP8_DOT_FP16)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One kernel variant as a launch would pick it: the kernel, its constexprs and options."""
+
+    kernel: object
+    constexprs: dict
+    cache_type: str
+    num_warps: int
+    num_stages: int
+
+    def compile(self, arch: int = 90):
+        return compile_for(self.kernel, self.constexprs, self.cache_type, num_warps=self.num_warps,
+                           num_stages=self.num_stages, arch=arch)
+
+
+def _common(head_size: int, group: int, heads: int, block_size: int, fp8: bool, features: dict | None) -> dict:
+    return dict(FEATURES_OFF, **(features or {}), G=group, NUM_HEADS=heads, HEAD=head_size,
+                HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=block_size, IS_FP8=fp8)
+
+
+def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,
+                           num_splits: int | None = None, features: dict | None = None, group: int = 4,
+                           heads: int = 32, block_size: int = 16) -> Launch:
+    """The unified kernel for a decode bucket (one query a sequence, ``num_splits`` splits,
+    default 4) or a long prefill bucket, with the package's tile choices (``hopper``: sm_90)."""
+    block_m, block_q, tile_n, warps, stages = pa.tile_config(
+        num_queries_per_kv=group, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False,
+        fp8=fp8, hopper=hopper)
+    splits = num_splits or (4 if decode else 1)
+    constexprs = dict(_common(head_size, group, heads, block_size, fp8, features), BLOCK_M=block_m,
+                      BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=splits,
+                      FUSED_REDUCE=1 < splits <= pa.FUSED_MAX_SPLITS, MERGE_CHUNK=pa.merge_chunk(splits, block_m),
+                      LONGEST_FIRST=pa.LONGEST_FIRST)
+    return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
+
+
+def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bool | None = None,
+                            head_size: int = 128, features: dict | None = None, group: int = 4, heads: int = 32,
+                            block_size: int = 16) -> Launch:
+    """The fused store + decode kernel split ``num_splits`` ways (``fused``: the in-kernel merge;
+    default as the launch decides)."""
+    block_m, _, tile_n, warps, stages = pa.tile_config(
+        num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=False, fp8=fp8)
+    if fused is None:
+        fused = 1 < num_splits <= pa.FUSED_MAX_SPLITS
+    constexprs = dict(_common(head_size, group, heads, block_size, fp8, features), BLOCK_M=block_m, TILE_N=tile_n,
+                      NUM_SPLITS=num_splits, FUSED_REDUCE=fused, FP8_MAX=448.0, ROUND_FP8=False,
+                      MERGE_CHUNK=pa.merge_chunk(num_splits, block_m))
+    return Launch(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _run_on_cubin(compiled, *command: str) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([*command, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def sass(compiled) -> str:
+    """The kernel's SASS with source-line comments (``nvdisasm -c -g``)."""
+    return _run_on_cubin(compiled, _tool("nvdisasm"), "-c", "-g")
+
+
+_INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(.*?);")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BACK_BRANCH = re.compile(r"BRA `\((\.L_x_\d+)\)")
+_SOURCE_LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
+
+
+def _opcode(instruction: str) -> str:
+    words = instruction.split()
+    op = words[1] if words[0].startswith("@") and len(words) > 1 else words[0]
+    return op.split(".")[0]
+
+
+def sass_stats(compiled, *, top: int = 5) -> dict:
+    """Registers, stack bytes (spills), shared memory, instructions, and per key loop (a backward
+    branch) its instructions, opcodes and source lines that account for most of them."""
+    usage = _run_on_cubin(compiled, _tool("cuobjdump"), "-res-usage")
+    resources = {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK):(\d+)", usage)}
+    lines = sass(compiled).splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := _LABEL.match(line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := _BACK_BRANCH.search(line)) and labels.get(m.group(1), i) < i - 1]
+    source, instructions = None, []  # (line index, opcode, source line)
+    for i, line in enumerate(lines):
+        if m := _SOURCE_LINE.search(line):
+            source = f"{os.path.basename(m.group(1))}:{m.group(2)}"
+        elif m := _INSTRUCTION.match(line):
+            instructions.append((i, _opcode(m.group(1)), source))
+    loop_rows = []
+    for start, end in loops:
+        body = [(op, src) for i, op, src in instructions if start <= i <= end]
+        loop_rows.append({
+            "instructions": len(body),
+            "opcodes": dict(collections.Counter(op for op, _ in body).most_common(top)),
+            "source_lines": dict(collections.Counter(src for _, src in body).most_common(top)),
+        })
+    return {"registers": resources.get("reg"), "stack_bytes": resources.get("stack"),
+            "shared_bytes": compiled.metadata.shared, "instructions": len(instructions), "loops": loop_rows}
