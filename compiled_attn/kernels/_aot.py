@@ -78,10 +78,6 @@ def compile_for(kernel, constexprs: dict, cache_type: str, *, num_warps: int, nu
     return triton.compile(source, target=target(arch), options={"num_warps": num_warps, "num_stages": num_stages})
 
 
-FEATURES_OFF = dict(USE_WINDOW=False, USE_ALIBI=False, USE_SOFTCAP=False, DOT_FP32=False,
-                    FP8_DOT_FP16=pa.FP8_DOT_FP16)
-
-
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """One kernel variant as a launch would pick it: the kernel, its constexprs and options."""
@@ -98,7 +94,10 @@ class Launch:
 
 
 def _common(head_size: int, group: int, heads: int, block_size: int, fp8: bool, features: dict | None) -> dict:
-    return dict(FEATURES_OFF, **(features or {}), G=group, NUM_HEADS=heads, HEAD=head_size,
+    """Constexprs both kernels share; ``features`` turns on USE_WINDOW / USE_ALIBI / USE_SOFTCAP.
+    Module constants are read now, so a patched one (``scripts/kernel_asm.py --set``) counts."""
+    off = dict(USE_WINDOW=False, USE_ALIBI=False, USE_SOFTCAP=False, DOT_FP32=False, FP8_DOT_FP16=pa.FP8_DOT_FP16)
+    return dict(off, **(features or {}), G=group, NUM_HEADS=heads, HEAD=head_size,
                 HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=block_size, IS_FP8=fp8)
 
 
