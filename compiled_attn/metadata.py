@@ -53,6 +53,12 @@ class AttentionMetadata:
     def num_tokens(self) -> int:
         return self.slot_mapping.shape[0]
 
+    def is_decode_layout(self, num_tokens: int) -> bool:
+        """Whether a step of ``num_tokens`` queries is in the decode layout (token ``i`` is
+        sequence ``i``'s one new token; padding sequences, ``seq_len == 0``, come last). Static
+        shapes only: free under ``torch.compile`` and graph capture."""
+        return self.max_query_len == 1 and num_tokens == self.seq_lens.shape[0]
+
     def to(self, device: torch.device | str) -> AttentionMetadata:
         return dataclasses.replace(
             self,

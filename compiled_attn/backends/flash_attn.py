@@ -224,8 +224,7 @@ class FlashAttnBackend(AttentionBackend):
         slopes = None if alibi_slopes is None else alibi_slopes.float().contiguous()
         block_table = meta.block_table.contiguous()
         starts = meta.query_start_loc
-        if meta.max_query_len == 1 and num_tokens == meta.seq_lens.shape[0]:
-            # Decode layout: padding sequences (seq_len 0) are the trailing tokens, zeroed below.
+        if meta.is_decode_layout(num_tokens):  # padding sequences are the trailing tokens, zeroed below
             result = flash_attn_paged_decode(q, k_cache, v_cache, meta.seq_lens, block_table, slopes, scale,
                                              window_left, softcap, DECODE_NUM_SPLITS)
         elif meta.max_query_len == 1:

@@ -30,8 +30,7 @@ class TrtllmBackend(TritonBackend):
     @classmethod
     def forward(cls, q, k, v, kv_cache, meta, out, *, scale, sliding_window, logits_soft_cap, alibi_slopes,
                 k_scale, v_scale) -> None:
-        is_decode = meta.max_query_len == 1 and q.shape[0] == meta.seq_lens.shape[0]
-        if not is_decode:
+        if not meta.is_decode_layout(q.shape[0]):
             super().forward(q, k, v, kv_cache, meta, out, scale=scale, sliding_window=sliding_window,
                             logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale,
                             v_scale=v_scale)

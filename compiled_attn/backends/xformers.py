@@ -189,8 +189,7 @@ class XFormersBackend(AttentionBackend):
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
         if num_tokens == 0:
             return
-        if meta.max_query_len == 1 and num_tokens == meta.seq_lens.shape[0]:
-            # Decode layout: token i is sequence i's newest position; padding has seq_len 0.
+        if meta.is_decode_layout(num_tokens):  # token i is sequence i's newest position
             valid = meta.seq_lens > 0
             pos, rows = meta.seq_lens.long() - 1, meta.block_table
         else:
