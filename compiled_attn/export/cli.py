@@ -89,7 +89,7 @@ def run_export(args: argparse.Namespace) -> int:
     stages.update()
     ops = sorted({f"{n.domain + '::' if n.domain else ''}{n.op_type}" for n in onnx_model.graph.node})
     stages.write(f"wrote {args.output}: {config.num_layers} layers, {args.phase} step of {num_tokens} tokens / "
-          f"{args.num_seqs} sequences{' (dynamic shapes)' if args.dynamic else ''}, target {args.target}")
+                 f"{args.num_seqs} sequences{' (dynamic shapes)' if args.dynamic else ''}, target {args.target}")
     stages.write(f"inputs: {', '.join(i.name for i in onnx_model.graph.input)}")
     stages.write(f"outputs: {', '.join(o.name for o in onnx_model.graph.output)}")
     opsets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in onnx_model.opset_import)
@@ -112,6 +112,6 @@ def run_export(args: argparse.Namespace) -> int:
             expected = model(step.input_ids, step.positions, expected_cache, step.meta, step.logits_index)
         stages.update()
         stages.write(f"onnxruntime vs torch: max |logits error| {abs(logits - expected.numpy()).max():.3g}, "
-              f"max |cache error| {abs(new_cache - expected_cache.numpy()).max():.3g}")
+                     f"max |cache error| {abs(new_cache - expected_cache.numpy()).max():.3g}")
     stages.close()
     return 0
