@@ -33,7 +33,7 @@ def compute_capability(device: torch.device) -> tuple[int, int]:
 
 def split_count(
     *, programs: int, max_context: int, max_query_len: int, num_sms: int, split_max_query_len: int,
-    programs_per_sm: int, min_keys: int, max_splits: int, resident_per_sm: int = 0,
+    programs_per_sm: float, min_keys: int, max_splits: int, resident_per_sm: int = 0,
 ) -> int:
     """Splits of each key range so ``programs`` (query blocks x KV heads) fill ``num_sms`` about
     ``programs_per_sm`` times over, with no split shorter than ``min_keys`` and at most

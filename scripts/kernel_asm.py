@@ -10,6 +10,11 @@ unified kernel in a decode bucket, ``prefill`` the unified kernel in a long pref
 the benchmark's Llama-3-8B attention shape. ``--set`` patches a constant of
 ``compiled_attn.kernels.paged_attention`` first, as ``scripts/tune_kernels.py`` does. A screen
 before spending GPU time, not a timing: fewer instructions are not always faster (BENCHMARKS.md).
+
+Triton versions generate different code for the same kernel (an fp8 decode variant took 168
+registers under 3.7 and 196 under 3.6), so screen with the GPU machine's Triton: for example
+``pip install --no-deps --target /tmp/triton36 triton==3.6.0`` and ``PYTHONPATH=/tmp/triton36:.``.
+The report names the Triton that built it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+
+import triton
 
 from compiled_attn.kernels import _aot
 from compiled_attn.kernels import paged_attention as pa
@@ -55,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sass:
         with open(args.sass, "w") as f:
             f.write(_aot.sass(compiled))
-    report = {"kind": args.kind, "fp8": args.fp8, "arch": args.arch, **patched,
+    report = {"kind": args.kind, "fp8": args.fp8, "arch": args.arch, "triton": triton.__version__, **patched,
               "num_warps": chosen.num_warps, "num_stages": chosen.num_stages,
               **{k: v for k, v in chosen.constexprs.items() if k in ("BLOCK_M", "TILE_N", "NUM_SPLITS")},
               **_aot.sass_stats(compiled)}

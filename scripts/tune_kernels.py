@@ -4,7 +4,7 @@
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
-``small-grid`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
+``small-grid``, ``fp8-splits`` (see ``SWEEPS``); ``--cases TEXT`` keeps the cases whose name holds TEXT. A sweep maps a constant to the values to try (every
 combination), or is a list of whole configurations.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 ``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
@@ -28,7 +28,7 @@ from compiled_attn.kernels import paged_attention as pa
 
 PREFILL = {"PREFILL_BLOCK_M": (64, 128), "TILE_N_GPU": (32, 64, 128), "PREFILL_NUM_WARPS": (4, 8),
            "NUM_STAGES": (2, 3)}
-SPLITS = {"SPLIT_TARGET_PROGRAMS_PER_SM": (1, 2, 4, 8)}
+SPLITS = {"SPLIT_TARGET_WAVES": (0.25, 0.5, 1, 2)}  # x 4 resident bf16 programs = 1, 2, 4, 8 an SM
 CASES = [  # (case name, kv dtype, backend, sweep)
     ("decode 1x4096", "bf16", "trtllm", {"SPLIT_MIN_KEYS": (64, 128, 256), **SPLITS, "DECODE_TILE_N_GPU": (32, 64)}),
     ("decode 32x4096", "bf16", "trtllm", {"SPLIT_MIN_KEYS": (128, 256), **SPLITS}),
@@ -54,7 +54,7 @@ FP8_DOT_CASES = [(name, "fp8", backend, FP8_DOT) for name, backend in (
 PREFILL_CONFIGS = [dict(PREFILL_BLOCK_M=128, TILE_N_GPU=n, PREFILL_NUM_WARPS=w, NUM_STAGES=st, LONGEST_FIRST=first)
                    for first in (False, True) for n, w, st in ((64, 4, 3), (128, 8, 3), (64, 8, 3))]
 SCHEDULE_CASES = [
-    ("decode 1x4096", "bf16", "trtllm", {"FUSED_MAX_SPLITS": (8, 32), "SPLIT_TARGET_PROGRAMS_PER_SM": (4, 8),
+    ("decode 1x4096", "bf16", "trtllm", {"FUSED_MAX_SPLITS": (8, 32), "SPLIT_TARGET_WAVES": (1, 2),
                                          "SPLIT_MIN_KEYS": (64, 128)}),
     ("decode 1x4096", "bf16", "triton", {"FUSED_MAX_SPLITS": (8, 32)}),
     ("decode 32x4096", "bf16", "trtllm", {"DECODE_NUM_WARPS": (4, 8), "DECODE_TILE_N_GPU": (64, 128),
@@ -120,10 +120,14 @@ WARPS_CASES = [
 # programs, under one wave): 8 warps split each program's tile work, at half the resident programs.
 SMALL_GRID_CASES = [(name, "bf16", backend, {"DECODE_NUM_WARPS": (4, 8), "DECODE_TILE_N_GPU": (64, 128)})
                     for name, backend in (("decode 1x4096", "trtllm"), ("decode 1x4096", "triton"))]
+# --sweep fp8-splits: 2 fp8 decode programs fit an SM (4 bf16 ones), so 8 programs an SM are 4
+# waves for fp8 (the target before) and 2 for bf16; the target is now 2 waves for both.
+FP8_SPLITS_CASES = [(name, "fp8", "trtllm", {"SPLIT_TARGET_WAVES": (4, 2)}) for name in (
+    "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
-          "small-grid": SMALL_GRID_CASES}
+          "small-grid": SMALL_GRID_CASES, "fp8-splits": FP8_SPLITS_CASES}
 
 
 def configurations(sweep) -> list[dict]:
@@ -166,10 +170,12 @@ def main() -> None:
     parser.add_argument("--contiguous-pages", action="store_true", help="pages in order (see bench.build_workload)")
     parser.add_argument("--head-major-pages", action="store_true",
                         help="cache memory [2, blocks, kv_heads, block_size, D] (see bench.build_workload)")
+    parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
-    sweeps = SWEEPS["fused" if args.fused else "fp8-dot" if args.fp8_dot else args.sweep]
+    sweeps = [c for c in SWEEPS["fused" if args.fused else "fp8-dot" if args.fp8_dot else args.sweep]
+              if args.cases in c[0]]
     cases = {c.name: c for c in bench.CASES}
     results = []
     for name, kv, backend, sweep in sweeps:
@@ -183,7 +189,7 @@ def main() -> None:
         for config in configs:
             if time.time() > deadline:
                 break
-            for k, v in config.items():
+            for k, v in {**defaults, **config}.items():  # each configuration from the defaults
                 setattr(pa, k, v)
             row = {"case": name, "kv": kv, "backend": backend, **config}
             if args.contiguous_pages:

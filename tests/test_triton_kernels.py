@@ -898,3 +898,16 @@ def test_paged_attention_with_256_row_tiles(interpreter, monkeypatch, name):
     which otherwise takes the 128-row ones: query blocks longer than every sequence here."""
     monkeypatch.setattr(pa_mod, "SMALL_PREFILL_BLOCK_M", 256)
     check_attention_case(ATTENTION_CASES[name])
+
+
+def test_split_count_targets_waves_of_resident_programs():
+    """Two waves of resident programs: 8 an SM for bf16 (4 resident), 4 for fp8 (2 resident), on an
+    H100's 132 SMs; the figures benchmarks/tune_h100.json measured for each choice."""
+    def splits(batch, context, fp8):
+        return pa_mod.choose_num_splits(num_query_blocks=batch, num_kv_heads=8, max_context=context,
+                                        max_query_len=1, num_sms=132, fp8=fp8)
+
+    assert [splits(b, c, False) for b, c in ((1, 4096), (32, 4096), (128, 2048), (64, 16384))] == [32, 4, 2, 3]
+    assert [splits(b, c, True) for b, c in ((1, 4096), (32, 4096), (128, 2048), (64, 16384))] == [32, 3, 1, 2]
+    assert pa_mod.choose_num_splits(num_query_blocks=64, num_kv_heads=8, max_context=16384, max_query_len=16,
+                                    num_sms=132, fp8=True) == 1, "prefill-like buckets are not split"

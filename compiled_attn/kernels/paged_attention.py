@@ -62,12 +62,14 @@ NUM_STAGES = 3  # software pipelining depth of the key loop, prefill-shaped step
 DECODE_NUM_STAGES = 4  # the same for decode-shaped steps
 DECODE_NUM_STAGES_FP8 = 5
 SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode buckets
-SPLIT_TARGET_PROGRAMS_PER_SM = 8  # flash-decoding: about 8 programs per SM (ragged batches gain most)
+SPLIT_TARGET_WAVES = 2  # flash-decoding: about 2 waves of resident programs (ragged batches gain most)
 SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction than it saves
 MAX_SPLITS = 32
 # Decode programs an SM runs at once (H100, Triton 3.6: 123-126 registers for bf16 K/V, 254-255
-# for fp8; benchmarks/tune_h100.json "kernels"). The split count avoids part-empty last waves with
-# them: 32x4096 takes 4 splits, not 5 (196 vs 207 us).
+# for fp8; benchmarks/tune_h100.json "kernels"). The split count targets waves of them (bf16: 8
+# programs an SM, fp8: 4; fp8 at 8 was 7-10% slower at 32x4096 and 128x2048, 2% at 64x16384, and
+# 2% faster on the ragged batch: tune_h100.json "fp8_split_waves"), and avoids part-empty last
+# waves: bf16 32x4096 takes 4 splits, not 5 (196 vs 207 us).
 DECODE_RESIDENT_PER_SM, DECODE_RESIDENT_PER_SM_FP8 = 4, 2
 FP8_DOT_FP16 = True  # fp8 K/V: tile dots in fp16 (see _query_for_dot), not in q's bf16
 FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch) ...
@@ -438,11 +440,11 @@ def choose_num_splits(
     """Flash-decoding split count from static shapes: enough programs to fill the GPU, no split
     shorter than ``SPLIT_MIN_KEYS``, whole waves where that is cheap; 1 for prefill-like buckets
     (this module's constants, read at call time so the tuning script can patch them)."""
+    resident = DECODE_RESIDENT_PER_SM_FP8 if fp8 else DECODE_RESIDENT_PER_SM
     return split_count(
         programs=num_query_blocks * num_kv_heads, max_context=max_context, max_query_len=max_query_len,
-        num_sms=num_sms, split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_PROGRAMS_PER_SM,
-        min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS,
-        resident_per_sm=DECODE_RESIDENT_PER_SM_FP8 if fp8 else DECODE_RESIDENT_PER_SM)
+        num_sms=num_sms, split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_WAVES * resident,
+        min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS, resident_per_sm=resident)
 
 
 def merge_chunk(num_splits: int, block_m: int) -> int:
