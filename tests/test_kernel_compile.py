@@ -61,3 +61,25 @@ def test_paged_attention_compiles_for_ampere_and_ada(shape, fp8, arch):
         compiled = _compile(launch, arch)
         assert compiled.metadata.shared <= OTHER_TARGETS[arch], \
             f"sm_{arch}, head {head_size}: {compiled.metadata.shared} bytes of shared memory"
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_compiles_after_an_interpreted_launch(monkeypatch, fp8):
+    """The CPU tests interpret kernels in the same process first: that leaves the kernels'
+    modules holding interpreted twins and (Triton 3.9's interpreter) parts of triton.language
+    patched, neither of which may reach a compiled build afterwards."""
+    import torch
+
+    from compiled_attn.kernels.store_and_decode import store_and_decode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    gen = torch.Generator().manual_seed(0)
+    q, out = torch.randn(1, 4, 64, generator=gen), torch.full((1, 4, 64), float("nan"))
+    k, v = torch.randn(1, 2, 64, generator=gen), torch.randn(1, 2, 64, generator=gen)
+    cache = torch.randn(2, 2, 16, 2, 64, generator=gen).to(torch.float8_e4m3fn if fp8 else torch.float32)
+    one = torch.ones(())
+    store_and_decode(q, k, v, cache, torch.tensor([5], dtype=torch.int32), torch.tensor([[1]], dtype=torch.int32),
+                     torch.tensor([20], dtype=torch.int64), out, scale=0.125, k_scale=one, v_scale=one)
+    assert torch.isfinite(out).all()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    _compile(_aot.store_and_decode_launch(fp8=fp8, num_splits=2))

@@ -22,6 +22,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from . import _jit
 from . import paged_attention as pa
 from . import store_and_decode as sd
 
@@ -72,6 +73,9 @@ def jit_specialisation(kernel, constexprs: dict) -> tuple[dict, dict]:
 
 def compile_for(kernel, constexprs: dict, cache_type: str, *, num_warps: int, num_stages: int, arch: int = 90):
     """The kernel built for ``arch`` as the JIT would build it for a launch with these constexprs."""
+    namespace = kernel.fn.__globals__
+    _jit.refresh(namespace, interpret=False)  # an interpreted launch leaves the module's functions interpreted
+    kernel = namespace[kernel.fn.__name__]
     constexprs, attrs = jit_specialisation(kernel, constexprs)
     source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, cache_type), constexprs=constexprs,
                        attrs=attrs)

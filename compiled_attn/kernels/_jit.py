@@ -36,11 +36,11 @@ def _twin(fn, interpret: bool):
     return _TWINS[key]
 
 
-def refresh(namespace: dict) -> None:
-    """Make every Triton function in ``namespace`` (a module's globals) match the current mode,
-    and the modules those functions come from (a helper imported from another module looks up
-    its own callees in that module's globals)."""
-    interpret = interpreting()
+def refresh(namespace: dict, interpret: bool | None = None) -> None:
+    """Make every Triton function in ``namespace`` (a module's globals) match the current mode
+    (or ``interpret``), and the modules those functions come from (a helper imported from another
+    module looks up its own callees in that module's globals)."""
+    interpret = interpreting() if interpret is None else interpret
     if _MODE.get(id(namespace)) == interpret:
         return  # the common case: nothing changed since the last launch
     _MODE[id(namespace)] = interpret
@@ -54,7 +54,7 @@ def refresh(namespace: dict) -> None:
             if obj.fn.__globals__ is not namespace:
                 homes.append(obj.fn.__globals__)
     for home in homes:
-        refresh(home)
+        refresh(home, interpret)
 
 
 @contextlib.contextmanager
@@ -64,6 +64,7 @@ def launching(namespace: dict):
     if not interpreting():
         yield
         return
+    saved = _language_attributes()
     swapped = []
     for module_name, module in list(sys.modules.items()):
         if module is None or not (module_name == "triton.language" or module_name.startswith("triton.language.")):
@@ -77,6 +78,30 @@ def launching(namespace: dict):
     finally:
         for module, name, obj in swapped:
             setattr(module, name, obj)
+        _restore_language_attributes(saved)
+
+
+def _language_namespaces() -> list:
+    import triton.language as tl
+
+    found = [tl, tl.core, tl.math, tl.core.tensor, getattr(tl.core, "tensor_descriptor_base", None)]
+    return [ns for ns in found if ns is not None]
+
+
+def _language_attributes() -> list[tuple[object, dict]]:
+    """What the interpreter patches while it runs a kernel (``triton.language`` and its tensor
+    types), as it was: the interpreter does not undo the patches its nested device-function calls
+    make (Triton 3.9), and a compiled kernel built afterwards in the same process would see them."""
+    return [(ns, dict(vars(ns))) for ns in _language_namespaces()]
+
+
+def _restore_language_attributes(saved: list[tuple[object, dict]]) -> None:
+    for ns, attributes in saved:
+        for name in set(vars(ns)) - set(attributes):
+            delattr(ns, name)
+        for name, value in attributes.items():
+            if vars(ns).get(name, value) is not value:
+                setattr(ns, name, value)
 
 
 def next_power_of_2(n: int) -> int:
