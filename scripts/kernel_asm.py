@@ -11,8 +11,7 @@ the benchmark's Llama-3-8B attention shape. ``--set`` patches a constant of
 ``compiled_attn.kernels.paged_attention`` first, as ``scripts/tune_kernels.py`` does. A screen
 before spending GPU time, not a timing: fewer instructions are not always faster (BENCHMARKS.md).
 
-Triton versions generate different code for the same kernel (an fp8 decode variant took 168
-registers under 3.7 and 196 under 3.6), so screen with the GPU machine's Triton: for example
+The GPU machine builds with Triton 3.6; to screen with that compiler here, for example
 ``pip install --no-deps --target /tmp/triton36 triton==3.6.0`` and ``PYTHONPATH=/tmp/triton36:.``.
 The report names the Triton that built it.
 """
