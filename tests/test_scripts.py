@@ -38,6 +38,15 @@ def test_configurations_expand_products_and_keep_lists():
     assert tune_kernels.configurations([{}, {"A": 1}]) == [{}, {"A": 1}]
 
 
+def test_each_configuration_starts_from_the_defaults(monkeypatch):
+    monkeypatch.setattr(pa, "DECODE_NUM_STAGES", pa.DECODE_NUM_STAGES)  # restored after the test
+    monkeypatch.setattr(pa, "DECODE_TILE_N_GPU", pa.DECODE_TILE_N_GPU)
+    defaults = {"DECODE_NUM_STAGES": 4, "DECODE_TILE_N_GPU": 64}
+    tune_kernels.apply({"DECODE_NUM_STAGES": 2, "DECODE_TILE_N_GPU": 32}, defaults)
+    tune_kernels.apply({"DECODE_NUM_STAGES": 3}, defaults)
+    assert (pa.DECODE_NUM_STAGES, pa.DECODE_TILE_N_GPU) == (3, 64), "the earlier tile size was carried over"
+
+
 def test_profile_summary_takes_medians_per_kernel():
     rows = [{"name": "attn", "us": 10.0, "gap_us": None}, {"name": "reduce", "us": 2.0, "gap_us": 0.5},
             {"name": "attn", "us": 12.0, "gap_us": 0.4}, {"name": "reduce", "us": 3.0, "gap_us": 0.3}]
