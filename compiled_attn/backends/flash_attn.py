@@ -73,6 +73,13 @@ def flash_window(sliding_window: int | None) -> tuple[int, int]:
     return (sliding_window - 1, 0)
 
 
+def copy_valid_rows(out: torch.Tensor, result: torch.Tensor, query_start_loc: torch.Tensor) -> None:
+    """``result`` into ``out`` with the padding rows (tokens at or beyond ``query_start_loc[-1]``,
+    which the FlashAttention calls leave unwritten) zeroed; no host sync."""
+    valid = torch.arange(out.shape[0], device=out.device) < query_start_loc[-1]
+    out.copy_(torch.where(valid[:, None, None], result, 0))
+
+
 def _flash():
     """The imported ``flash_attn`` package (imported lazily: it is an optional dependency)."""
     return importlib.import_module("flash_attn")
@@ -235,8 +242,7 @@ class FlashAttnBackend(AttentionBackend):
                 q, k_cache, v_cache, starts, cu_seqlens_k, block_table, slopes,
                 max(meta.max_query_len, 2), block_table.shape[1] * kv_cache.shape[2], scale, window_left, softcap,
             )
-        valid = torch.arange(num_tokens, device=q.device) < starts[-1]
-        out.copy_(torch.where(valid[:, None, None], result, 0))
+        copy_valid_rows(out, result, starts)
 
 
 def _decode(q, k_cache, v_cache, meta: AttentionMetadata, block_table, slopes, scale, window_left, softcap):

@@ -41,7 +41,7 @@ from ..metadata import AttentionMetadata
 from ..split_kv import num_sms, split_count
 from ..spec import AttentionSpec
 from .base import AttentionBackend, head_size_reason, package_reason
-from .flash_attn import flash_window
+from .flash_attn import copy_valid_rows, flash_window
 from .store import store_kv
 
 SPLIT_MAX_QUERY_LEN = 8  # split the keys only for decode-like buckets
@@ -138,8 +138,7 @@ class FlashAttn3Backend(AttentionBackend):
         if alibi_slopes is not None:
             raise ValueError("flash_attn3 does not support alibi; use backend='trtllm' or 'triton'")
         store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
-        num_tokens = q.shape[0]
-        if num_tokens == 0:
+        if q.shape[0] == 0:
             return
         kv_heads, block_table = kv_cache.shape[3], meta.block_table.contiguous()
         num_splits = static_num_splits(
@@ -151,6 +150,5 @@ class FlashAttn3Backend(AttentionBackend):
             q, kv_cache[0], kv_cache[1], meta.query_start_loc, meta.seq_lens, block_table,
             max(meta.max_query_len, 2), scale, flash_window(sliding_window)[0], float(logits_soft_cap or 0.0),
             num_splits)
-        valid = torch.arange(num_tokens, device=q.device) < meta.query_start_loc[-1]
-        out.copy_(torch.where(valid[:, None, None], result, 0))
+        copy_valid_rows(out, result, meta.query_start_loc)
 
