@@ -29,6 +29,11 @@ from .spec import AttentionSpec
 
 # Llama-3-8B attention.
 LLAMA3_8B = AttentionSpec(num_heads=32, num_kv_heads=8, head_size=128)
+
+
+def bench_spec(kv: str) -> AttentionSpec:
+    """The benchmark's attention shape with a ``"bf16"`` (the queries' dtype) or ``"fp8"`` KV cache."""
+    return LLAMA3_8B if kv == "bf16" else dataclasses.replace(LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
 L2_ROTATION_BYTES = 256 << 20  # well over the H100's 50 MB L2
 
 
@@ -243,9 +248,7 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
         "ceilings": ceilings,
         "results": results,
     }
-    spec_variants = [("bf16", LLAMA3_8B)]
-    if fp8:
-        spec_variants.append(("fp8", dataclasses.replace(LLAMA3_8B, kv_cache_dtype="fp8_e4m3")))
+    spec_variants = [(kv, bench_spec(kv)) for kv in (("bf16", "fp8") if fp8 else ("bf16",))]
     for case in cases or CASES:
         for kv_label, spec in spec_variants:
             if kv_label == "fp8" and case.kind != "decode":

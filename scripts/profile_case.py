@@ -13,7 +13,6 @@ Contenders are the ``compiled-attn bench`` ones: ``ours:<backend>`` or a peer na
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 
@@ -64,7 +63,7 @@ def main() -> None:
     parser.add_argument("--eager-calls", type=int, default=0, help="only call each contender this many times")
     args = parser.parse_args()
     cases = {c.name: c for c in bench.CASES}
-    spec = bench.LLAMA3_8B if args.kv == "bf16" else dataclasses.replace(bench.LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
+    spec = bench.bench_spec(args.kv)
     report = []
     for case in args.case:
         workload = bench.build_workload(cases[case], spec, block_size=16, dtype=torch.bfloat16, device="cuda")

@@ -17,7 +17,6 @@ are read at launch), then times the backend exactly as ``compiled-attn bench`` d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -198,7 +197,7 @@ def main() -> None:
     results = []
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
-        spec = bench.LLAMA3_8B if kv == "bf16" else dataclasses.replace(bench.LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
+        spec = bench.bench_spec(kv)
         workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda",
                                         contiguous_pages=args.contiguous_pages,
                                         head_major_pages=args.head_major_pages)
