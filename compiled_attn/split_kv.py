@@ -31,6 +31,9 @@ def compute_capability(device: torch.device) -> tuple[int, int]:
     return (props.major, props.minor)
 
 
+WAVE_FILL_MARGIN = 0.05  # one split fewer only when it fills the last wave this much better
+
+
 def split_count(
     *, programs: int, max_context: int, max_query_len: int, num_sms: int, split_max_query_len: int,
     programs_per_sm: float, min_keys: int, max_splits: int, resident_per_sm: int = 0,
@@ -61,6 +64,3 @@ def split_count(
         if fill(splits - 1) > fill(splits) + WAVE_FILL_MARGIN:
             splits -= 1
     return splits
-
-
-WAVE_FILL_MARGIN = 0.05

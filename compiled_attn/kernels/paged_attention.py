@@ -587,9 +587,10 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
     num_seqs = seq_lens.shape[0]
     group = num_heads // kv_heads
     interpret = _jit.interpreting() or q.device.type != "cuda"
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_m, block_q, default_tile_n, num_warps, num_stages = tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret,
-        fp8=kv_cache.dtype == torch.float8_e4m3fn, hopper=compute_capability(q.device) >= (9, 0),
+        fp8=fp8, hopper=compute_capability(q.device) >= (9, 0),
         mean_query_len=q.shape[0] / max(seq_lens.shape[0], 1))
     tile_n = tile_n or default_tile_n
     num_q_blocks = num_tokens // block_q + num_seqs
@@ -597,7 +598,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         busy_blocks = num_seqs * max(1, math.ceil(max_query_len / block_q))
         num_splits = choose_num_splits(
             num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
-            max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=kv_cache.dtype == torch.float8_e4m3fn)
+            max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=fp8)
     head_pad = _jit.next_power_of_2(head_size)
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,
@@ -613,8 +614,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
         FUSED_REDUCE=num_splits > 1 and reduce_launch is None,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
-        IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, DOT_FP32=interpret or q.dtype == torch.float32,
-        FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m), LONGEST_FIRST=LONGEST_FIRST,
+        IS_FP8=fp8, DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m), LONGEST_FIRST=LONGEST_FIRST,
         num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)

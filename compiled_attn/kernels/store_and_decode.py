@@ -155,14 +155,14 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     _, _, block_size, kv_heads, _ = kv_cache.shape
     group = num_heads // kv_heads
     interpret = _jit.interpreting() or q.device.type != "cuda"
+    fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_m, _, default_tile_n, num_warps, num_stages = tile_config(
-        num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=interpret,
-        fp8=kv_cache.dtype == torch.float8_e4m3fn)
+        num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=interpret, fp8=fp8)
     tile_n = tile_n or default_tile_n
     if not num_splits:
         num_splits = choose_num_splits(
             num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
-            max_query_len=1, num_sms=num_sms(q.device), fp8=kv_cache.dtype == torch.float8_e4m3fn)
+            max_query_len=1, num_sms=num_sms(q.device), fp8=fp8)
     head_pad = _jit.next_power_of_2(head_size)
     # The reduction reads validity from seq_lens (padding sequences have length 0), so its
     # query_start_loc argument is a placeholder.
@@ -180,7 +180,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits,
         FUSED_REDUCE=num_splits > 1 and reduce_launch is None, USE_WINDOW=bool(sliding_window),
         USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
-        IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
+        IS_FP8=fp8, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
         DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=paged_attention.FP8_DOT_FP16,
         MERGE_CHUNK=merge_chunk(num_splits, block_m), num_warps=num_warps, num_stages=num_stages,
     )
