@@ -911,3 +911,32 @@ def test_split_count_targets_waves_of_resident_programs():
     assert [splits(b, c, True) for b, c in ((1, 4096), (32, 4096), (128, 2048), (64, 16384))] == [32, 3, 1, 2]
     assert pa_mod.choose_num_splits(num_query_blocks=64, num_kv_heads=8, max_context=16384, max_query_len=16,
                                     num_sms=132, fp8=True) == 1, "prefill-like buckets are not split"
+
+
+@pytest.mark.parametrize("one_loop", [True, False])
+@pytest.mark.parametrize("name", ["decode_split3_gqa4_d96", "decode_split2_window", "spec_decode_split2_gqa4",
+                                  "spec_decode_gqa3_bs32"])
+def test_one_key_loop_and_two_loops(interpreter, monkeypatch, name, one_loop):
+    """Decode buckets walk short splits in one loop (masks under a branch, key rows past the
+    sequence clamped in bounds) and long ones in two; both paths agree with the reference."""
+    monkeypatch.setattr(pa_mod, "ONE_LOOP_MAX_TILES", 10**6 if one_loop else 0)
+    check_attention_case(ATTENTION_CASES[name])
+
+
+@pytest.mark.parametrize("one_loop", [True, False])
+@pytest.mark.parametrize("name", ["gqa2_window_split2", "gqa4_alibi_soft_cap", "gqa2_fp8_d96_split2"])
+def test_store_and_decode_one_key_loop_and_two_loops(interpreter, monkeypatch, name, one_loop):
+    monkeypatch.setattr(pa_mod, "ONE_LOOP_MAX_TILES", 10**6 if one_loop else 0)
+    check_store_and_decode(DECODE_CASES[name])
+
+
+def test_one_key_loop_only_for_short_decode_splits():
+    """One loop where a split holds at most ONE_LOOP_MAX_TILES tiles of the block table's reach:
+    batch-1 decode on an H100 (32 splits of 4096 keys), never long splits or prefill buckets."""
+    def one_loop(context, tile_n, splits, max_query_len=1):
+        return pa_mod.one_key_loop(max_context=context, tile_n=tile_n, num_splits=splits, max_query_len=max_query_len)
+
+    assert one_loop(4096, 64, 32) and one_loop(4096, 128, 32) and one_loop(8192, 64, 32)
+    assert not one_loop(8192 + 16, 64, 32), "129 tiles in 32 splits: 5 a split"
+    assert not one_loop(4096, 64, 4) and not one_loop(16384, 64, 2)
+    assert not one_loop(256, 64, 1, max_query_len=2048), "prefill keeps its mask-free loop"

@@ -107,9 +107,10 @@ def _common(head_size: int, group: int, heads: int, block_size: int, fp8: bool, 
 
 def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,
                            num_splits: int | None = None, features: dict | None = None, group: int = 4,
-                           heads: int = 32, block_size: int = 16) -> Launch:
+                           heads: int = 32, block_size: int = 16, max_context: int = 4096) -> Launch:
     """The unified kernel for a decode bucket (one query a sequence, ``num_splits`` splits,
-    default 4) or a long prefill bucket, with the package's tile choices (``hopper``: sm_90)."""
+    default 4) or a long prefill bucket, with the package's tile choices (``hopper``: sm_90;
+    ``max_context``: what the block table addresses)."""
     block_m, block_q, tile_n, warps, stages = pa.tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False,
         fp8=fp8, hopper=hopper)
@@ -117,13 +118,15 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
     constexprs = dict(_common(head_size, group, heads, block_size, fp8, features), BLOCK_M=block_m,
                       BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=splits,
                       FUSED_REDUCE=1 < splits <= pa.FUSED_MAX_SPLITS, MERGE_CHUNK=pa.merge_chunk(splits, block_m),
-                      LONGEST_FIRST=pa.LONGEST_FIRST)
+                      LONGEST_FIRST=pa.LONGEST_FIRST,
+                      ONE_KEY_LOOP=decode and pa.one_key_loop(max_context=max_context, tile_n=tile_n,
+                                                              num_splits=splits, max_query_len=1))
     return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 
 def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bool | None = None,
                             head_size: int = 128, features: dict | None = None, group: int = 4, heads: int = 32,
-                            block_size: int = 16) -> Launch:
+                            block_size: int = 16, max_context: int = 4096) -> Launch:
     """The fused store + decode kernel split ``num_splits`` ways (``fused``: the in-kernel merge;
     default as the launch decides)."""
     block_m, _, tile_n, warps, stages = pa.tile_config(
@@ -132,7 +135,9 @@ def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bo
         fused = 1 < num_splits <= pa.FUSED_MAX_SPLITS
     constexprs = dict(_common(head_size, group, heads, block_size, fp8, features), BLOCK_M=block_m, TILE_N=tile_n,
                       NUM_SPLITS=num_splits, FUSED_REDUCE=fused, FP8_MAX=448.0, ROUND_FP8=False,
-                      MERGE_CHUNK=pa.merge_chunk(num_splits, block_m))
+                      MERGE_CHUNK=pa.merge_chunk(num_splits, block_m),
+                      ONE_KEY_LOOP=pa.one_key_loop(max_context=max_context, tile_n=tile_n, num_splits=num_splits,
+                                                   max_query_len=1))
     return Launch(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 

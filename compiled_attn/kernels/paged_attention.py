@@ -76,6 +76,10 @@ FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no re
 FUSED_MAX_SPLITS = 8  # ... up to this many splits
 FUSED_MERGE_ROWS = 64  # the merge loads [BLOCK_M, chunk, HEAD_PAD] partials with BLOCK_M * chunk <= this
 LONGEST_FIRST = True  # query blocks run from a sequence's end (the longest) to its start
+# Decode-shaped steps whose splits hold at most this many key tiles (from the static shapes) walk
+# them in one pipelined loop (see _attend_range): batch-1 decode 15.7 -> 14.6 us (bf16), 15.1 ->
+# 14.0 (fp8); long splits are 3-9% slower in one loop (tune_h100.json "one_key_loop"). 0: never.
+ONE_LOOP_MAX_TILES = 4
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
@@ -94,13 +98,22 @@ LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units
 
 
 @triton.jit
+def _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW: tl.constexpr):
+    """-inf where a row may not see a key: padding rows, keys past ``key_end``, causal, window."""
+    visible = row_valid[:, None] & (offs_n < key_end)[None, :] & (offs_n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
+    return tl.where(visible, s, float("-inf"))
+
+
+@triton.jit
 def _attend_tile(
     acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
-    qk_scale, window, softcap,
+    qk_scale, window, softcap, mask_from,
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, RUNTIME_MASK: tl.constexpr,
 ):
     """One online-softmax step over keys ``[tile * TILE_N, (tile + 1) * TILE_N) ∩ [0, key_end)``.
 
@@ -108,17 +121,23 @@ def _attend_tile(
     tiles every row sees whole (below the causal diagonal, inside the sequence, no window): no
     bounds on the loads and no visibility mask, which keeps the softmax's ALU work to the minimum.
     Rows outside the tile's queries then carry finite junk that is never stored.
+    ``RUNTIME_MASK`` (with ``MASKED=False``): any tile of the range; key rows past ``key_end``
+    re-read key ``key_end - 1`` (in bounds, no load masks) and the visibility mask applies only
+    from tile ``mask_from`` on, under a branch, so one loop serves both kinds of tile.
     """
     offs_n = tile * TILE_N + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_PAD)
     d_ok = offs_d < HEAD
+    offs_row = offs_n
+    if RUNTIME_MASK:
+        offs_row = tl.minimum(offs_n, key_end - 1)
     if MASKED:
         key_ok = offs_n < key_end
         # Block ids only for keys in range: never reads table entries past the sequence's last block.
         block = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
     else:
-        block = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE).to(tl.int64)
-    kv_off = (block * s_cb + (offs_n % BLOCK_SIZE) * s_cs)[:, None] + kvh * s_ch + offs_d[None, :] * s_cd
+        block = tl.load(bt_row_ptr + offs_row // BLOCK_SIZE).to(tl.int64)
+    kv_off = (block * s_cb + (offs_row % BLOCK_SIZE) * s_cs)[:, None] + kvh * s_ch + offs_d[None, :] * s_cd
     if MASKED:
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(cache_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -146,10 +165,10 @@ def _attend_tile(
         s = s * c + (slopes * LOG2E)[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
         c = 1.0
     if MASKED:
-        visible = row_valid[:, None] & key_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
+        s = _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW)
+    if RUNTIME_MASK:
+        if tile >= mask_from:
+            s = _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW)
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
     p = tl.exp2(s * c - m_safe[:, None])
@@ -196,22 +215,38 @@ def _attend_range(
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
+    ONE_KEY_LOOP: tl.constexpr,
 ):
     """Key tiles ``[first_tile, last_tile)``: the mask-free ones (see :func:`_unmasked_tiles_end`)
-    first, then the ones that need bounds and masks."""
+    first, then the ones that need bounds and masks.
+
+    The two loops pipeline separately: the masked tiles' loads start only once the mask-free loop
+    has drained. ``ONE_KEY_LOOP`` (splits of a few tiles, where that wait is much of the program)
+    walks every tile in one pipelined loop instead, the mask under a branch (see
+    :func:`_attend_tile`). Chosen per launch, not per program: each loop holds its own pipeline
+    buffers, so a kernel with both would need twice the shared memory.
+    """
     mid_tile = _unmasked_tiles_end(first_tile, last_tile, first_query_pos, TILE_N, USE_WINDOW)
-    for tile in range(first_tile, mid_tile):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
-        )
-    for tile in range(mid_tile, last_tile):
-        acc, m_i, l_i = _attend_tile(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True,
-        )
+    if ONE_KEY_LOOP:
+        for tile in range(first_tile, last_tile):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+                qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
+                HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False, True,
+            )
+    else:
+        for tile in range(first_tile, mid_tile):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+                qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
+                HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False, False,
+            )
+        for tile in range(mid_tile, last_tile):
+            acc, m_i, l_i = _attend_tile(
+                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+                qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
+                HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True, False,
+            )
     return acc, m_i, l_i
 
 
@@ -333,7 +368,7 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     if LONGEST_FIRST:  # a sequence's last query blocks see the most keys: start them first (less tail)
@@ -388,7 +423,7 @@ def _paged_attention_kernel(
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, context + local * BLOCK_Q, key_end,
         q_pos, row_valid, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-        HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+        HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
     )
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
@@ -445,6 +480,15 @@ def choose_num_splits(
         programs=num_query_blocks * num_kv_heads, max_context=max_context, max_query_len=max_query_len,
         num_sms=num_sms, split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_WAVES * resident,
         min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS, resident_per_sm=resident)
+
+
+def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_len: int) -> bool:
+    """Whether a launch walks its key tiles in one loop (see :func:`_attend_range`): decode-shaped
+    buckets whose splits hold at most ``ONE_LOOP_MAX_TILES`` tiles of the longest context the
+    block table can address (prefill programs walk long ranges, and at 255 registers any code
+    added to their kernel moves its spills)."""
+    tiles = -(-max_context // tile_n)
+    return max_query_len <= SPLIT_MAX_QUERY_LEN and -(-tiles // num_splits) <= ONE_LOOP_MAX_TILES
 
 
 def merge_chunk(num_splits: int, block_m: int) -> int:
@@ -615,6 +659,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         FUSED_REDUCE=num_splits > 1 and reduce_launch is None,
         USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=fp8, DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m), LONGEST_FIRST=LONGEST_FIRST,
+        ONE_KEY_LOOP=one_key_loop(max_context=block_table.shape[1] * block_size, tile_n=tile_n,
+                                  num_splits=num_splits, max_query_len=max_query_len),
         num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)

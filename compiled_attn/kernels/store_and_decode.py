@@ -55,7 +55,7 @@ def _store_and_decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
-    FP8_DOT_FP16: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    FP8_DOT_FP16: tl.constexpr, MERGE_CHUNK: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -127,7 +127,7 @@ def _store_and_decode_kernel(
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, pos - 1, pos, q_pos, row_valid,
         slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-        HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32,
+        HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
     )
     if IS_FP8:
         acc = acc * v_scale
@@ -182,7 +182,9 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
         IS_FP8=fp8, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
         DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=paged_attention.FP8_DOT_FP16,
-        MERGE_CHUNK=merge_chunk(num_splits, block_m), num_warps=num_warps, num_stages=num_stages,
+        MERGE_CHUNK=merge_chunk(num_splits, block_m), ONE_KEY_LOOP=paged_attention.one_key_loop(
+            max_context=block_table.shape[1] * block_size, tile_n=tile_n, num_splits=num_splits, max_query_len=1),
+        num_warps=num_warps, num_stages=num_stages,
     )
     return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
 
