@@ -4,7 +4,8 @@
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
-``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop`` (see ``SWEEPS``). A sweep maps a constant to
+``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge`` (see
+``SWEEPS``). A sweep maps a constant to
 the values to try (every combination), or is a list of whole configurations; each configuration
 starts from the defaults. ``--cases TEXT`` keeps the cases whose name holds TEXT.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
@@ -142,11 +143,21 @@ ONE_LOOP_CASES = [
         "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")],
     *[(name, "bf16", "triton", ONE_LOOP) for name in ("decode 1x4096", "decode ragged 64x[256,8192]")],
 ]
+# --sweep small-grid-merge: batch-1 decode with one-loop splits, whose programs are shorter: the
+# in-kernel merge of all 32 splits (it lost to the reduction launch with two-loop splits), 16
+# splits (merged either way), 64 splits, 32-key tiles. Run when the defaults were 32 splits
+# (SPLIT_MIN_KEYS 128 for both dtypes, MAX_SPLITS 32); they are now 64 bf16 and 16 fp8 splits,
+# so the first row here is the adopted choice and the others are measured against it.
+SMALL_GRID_MERGE = [{}, dict(FUSED_MAX_SPLITS=32), dict(SPLIT_MIN_KEYS=256, SPLIT_MIN_KEYS_FP8=256),
+                    dict(SPLIT_MIN_KEYS=256, SPLIT_MIN_KEYS_FP8=256, FUSED_MAX_SPLITS=16),
+                    dict(SPLIT_MIN_KEYS=128, SPLIT_MIN_KEYS_FP8=128, MAX_SPLITS=32), dict(DECODE_TILE_N_GPU=32)]
+SMALL_GRID_MERGE_CASES = [("decode 1x4096", kv, "trtllm", SMALL_GRID_MERGE) for kv in ("bf16", "fp8")]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
           "small-grid": SMALL_GRID_CASES, "fp8-splits": FP8_SPLITS_CASES,
-          "small-grid-stages": SMALL_GRID_STAGES_CASES, "one-loop": ONE_LOOP_CASES}
+          "small-grid-stages": SMALL_GRID_STAGES_CASES, "one-loop": ONE_LOOP_CASES,
+          "small-grid-merge": SMALL_GRID_MERGE_CASES}
 
 
 def configurations(sweep) -> list[dict]:

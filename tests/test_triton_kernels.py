@@ -902,13 +902,14 @@ def test_paged_attention_with_256_row_tiles(interpreter, monkeypatch, name):
 
 def test_split_count_targets_waves_of_resident_programs():
     """Two waves of resident programs: 8 an SM for bf16 (4 resident), 4 for fp8 (2 resident), on an
-    H100's 132 SMs; the figures benchmarks/tune_h100.json measured for each choice."""
+    H100's 132 SMs, and batch 1 limited by the keys a split holds (one bf16 tile, two fp8 ones);
+    the figures benchmarks/tune_h100.json measured for each choice."""
     def splits(batch, context, fp8):
         return pa_mod.choose_num_splits(num_query_blocks=batch, num_kv_heads=8, max_context=context,
                                         max_query_len=1, num_sms=132, fp8=fp8)
 
-    assert [splits(b, c, False) for b, c in ((1, 4096), (32, 4096), (128, 2048), (64, 16384))] == [32, 4, 2, 3]
-    assert [splits(b, c, True) for b, c in ((1, 4096), (32, 4096), (128, 2048), (64, 16384))] == [32, 3, 1, 2]
+    assert [splits(b, c, False) for b, c in ((1, 4096), (32, 4096), (128, 2048), (64, 16384))] == [64, 4, 2, 3]
+    assert [splits(b, c, True) for b, c in ((1, 4096), (32, 4096), (128, 2048), (64, 16384))] == [16, 3, 1, 2]
     assert pa_mod.choose_num_splits(num_query_blocks=64, num_kv_heads=8, max_context=16384, max_query_len=16,
                                     num_sms=132, fp8=True) == 1, "prefill-like buckets are not split"
 
@@ -932,7 +933,7 @@ def test_store_and_decode_one_key_loop_and_two_loops(interpreter, monkeypatch, n
 
 def test_one_key_loop_only_for_short_decode_splits():
     """One loop where a split holds at most ONE_LOOP_MAX_TILES tiles of the block table's reach:
-    batch-1 decode on an H100 (32 splits of 4096 keys), never long splits or prefill buckets."""
+    batch-1 decode on an H100 (64 bf16 splits of 4096 keys, 16 fp8 ones), never long splits or prefill."""
     def one_loop(context, tile_n, splits, max_query_len=1):
         return pa_mod.one_key_loop(max_context=context, tile_n=tile_n, num_splits=splits, max_query_len=max_query_len)
 

@@ -63,8 +63,12 @@ DECODE_NUM_STAGES = 4  # the same for decode-shaped steps
 DECODE_NUM_STAGES_FP8 = 5
 SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode buckets
 SPLIT_TARGET_WAVES = 2  # flash-decoding: about 2 waves of resident programs (ragged batches gain most)
-SPLIT_MIN_KEYS = 128  # a split below this many keys costs more in the reduction than it saves
-MAX_SPLITS = 32
+# No split shorter than this many keys. Small grids (batch 1, one-loop splits) were fastest with one
+# 64-key tile a bf16 split (64 splits: 14.1 vs 14.4 us at 32) and two 128-key tiles an fp8 split
+# (16 splits: 13.4 vs 14.0 us at 32); tune_h100.json "small_grid_splits". Larger batches reach
+# their split count first.
+SPLIT_MIN_KEYS, SPLIT_MIN_KEYS_FP8 = 64, 256
+MAX_SPLITS = 64
 # Decode programs an SM runs at once (H100, Triton 3.6: 123-126 registers for bf16 K/V, 254-255
 # for fp8; benchmarks/tune_h100.json "kernels"). The split count targets waves of them (bf16: 8
 # programs an SM, fp8: 4; fp8 at 8 was 7-10% slower at 32x4096 and 128x2048, 2% at 64x16384, and
@@ -473,13 +477,13 @@ def choose_num_splits(
     fp8: bool = False,
 ) -> int:
     """Flash-decoding split count from static shapes: enough programs to fill the GPU, no split
-    shorter than ``SPLIT_MIN_KEYS``, whole waves where that is cheap; 1 for prefill-like buckets
+    shorter than ``SPLIT_MIN_KEYS`` (fp8: ``SPLIT_MIN_KEYS_FP8``), whole waves where that is cheap; 1 for prefill-like buckets
     (this module's constants, read at call time so the tuning script can patch them)."""
     resident = DECODE_RESIDENT_PER_SM_FP8 if fp8 else DECODE_RESIDENT_PER_SM
     return split_count(
         programs=num_query_blocks * num_kv_heads, max_context=max_context, max_query_len=max_query_len,
         num_sms=num_sms, split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_WAVES * resident,
-        min_keys=SPLIT_MIN_KEYS, max_splits=MAX_SPLITS, resident_per_sm=resident)
+        min_keys=SPLIT_MIN_KEYS_FP8 if fp8 else SPLIT_MIN_KEYS, max_splits=MAX_SPLITS, resident_per_sm=resident)
 
 
 def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_len: int) -> bool:
