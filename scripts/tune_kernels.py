@@ -5,9 +5,9 @@
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge`` (see
-``SWEEPS``). A sweep maps a constant to
-the values to try (every combination), or is a list of whole configurations; each configuration
-starts from the defaults. ``--cases TEXT`` keeps the cases whose name holds TEXT.
+``SWEEPS``). A sweep maps a constant to the values to try (every combination), or is a list of
+whole configurations; each configuration starts from the defaults. ``--cases TEXT`` keeps the
+cases whose name holds TEXT.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 ``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
 

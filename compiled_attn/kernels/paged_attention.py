@@ -477,8 +477,9 @@ def choose_num_splits(
     fp8: bool = False,
 ) -> int:
     """Flash-decoding split count from static shapes: enough programs to fill the GPU, no split
-    shorter than ``SPLIT_MIN_KEYS`` (fp8: ``SPLIT_MIN_KEYS_FP8``), whole waves where that is cheap; 1 for prefill-like buckets
-    (this module's constants, read at call time so the tuning script can patch them)."""
+    shorter than ``SPLIT_MIN_KEYS`` (fp8: ``SPLIT_MIN_KEYS_FP8``), whole waves where that is cheap;
+    1 for prefill-like buckets (this module's constants, read at call time so the tuning script
+    can patch them)."""
     resident = DECODE_RESIDENT_PER_SM_FP8 if fp8 else DECODE_RESIDENT_PER_SM
     return split_count(
         programs=num_query_blocks * num_kv_heads, max_context=max_context, max_query_len=max_query_len,
@@ -491,8 +492,8 @@ def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_le
     buckets whose splits hold at most ``ONE_LOOP_MAX_TILES`` tiles of the longest context the
     block table can address (prefill programs walk long ranges, and at 255 registers any code
     added to their kernel moves its spills)."""
-    tiles = -(-max_context // tile_n)
-    return max_query_len <= SPLIT_MAX_QUERY_LEN and -(-tiles // num_splits) <= ONE_LOOP_MAX_TILES
+    tiles_per_split = math.ceil(math.ceil(max_context / tile_n) / num_splits)
+    return max_query_len <= SPLIT_MAX_QUERY_LEN and tiles_per_split <= ONE_LOOP_MAX_TILES
 
 
 def merge_chunk(num_splits: int, block_m: int) -> int:
