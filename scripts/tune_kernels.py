@@ -4,8 +4,8 @@
 
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
-``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge`` (see
-``SWEEPS``). A sweep maps a constant to the values to try (every combination), or is a list of
+``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
+``prefill-lengths`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every combination), or is a list of
 whole configurations; each configuration starts from the defaults. ``--cases TEXT`` keeps the
 cases whose name holds TEXT.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
@@ -152,12 +152,25 @@ SMALL_GRID_MERGE = [{}, dict(FUSED_MAX_SPLITS=32), dict(SPLIT_MIN_KEYS=256, SPLI
                     dict(SPLIT_MIN_KEYS=256, SPLIT_MIN_KEYS_FP8=256, FUSED_MAX_SPLITS=16),
                     dict(SPLIT_MIN_KEYS=128, SPLIT_MIN_KEYS_FP8=128, MAX_SPLITS=32), dict(DECODE_TILE_N_GPU=32)]
 SMALL_GRID_MERGE_CASES = [("decode 1x4096", kv, "trtllm", SMALL_GRID_MERGE) for kv in ("bf16", "fp8")]
+# --sweep prefill-lengths: 16,384 causal prefill tokens as 16, 8, 4, 2 or 1 sequences (the same
+# query blocks, 2,056-2,176 of them, walking 8 to 128 key tiles on average), to split prefill
+# time into a cost per query block and a cost per key tile (8x2048 runs at 72% of 1x16384's rate).
+PREFILL_SPLITS = (16, 8, 4, 2, 1)
+EXTRA_CASES = [bench.Case(f"prefill {n}x{16384 // n}", "prefill", (16384 // n,) * n, (16384 // n,) * n)
+               for n in PREFILL_SPLITS if f"prefill {n}x{16384 // n}" not in {c.name for c in bench.CASES}]
+PREFILL_LENGTHS_CASES = [(f"prefill {n}x{16384 // n}", "bf16", "triton", [{}, dict(LONGEST_FIRST=False)])
+                         for n in PREFILL_SPLITS]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
           "small-grid": SMALL_GRID_CASES, "fp8-splits": FP8_SPLITS_CASES,
           "small-grid-stages": SMALL_GRID_STAGES_CASES, "one-loop": ONE_LOOP_CASES,
-          "small-grid-merge": SMALL_GRID_MERGE_CASES}
+          "small-grid-merge": SMALL_GRID_MERGE_CASES, "prefill-lengths": PREFILL_LENGTHS_CASES}
+
+
+def all_cases() -> dict:
+    """The benchmark's cases and this script's diagnostic ones, by name."""
+    return {c.name: c for c in (*bench.CASES, *EXTRA_CASES)}
 
 
 def configurations(sweep) -> list[dict]:
@@ -213,7 +226,7 @@ def main() -> None:
     args = parser.parse_args()
     sweeps = [c for c in SWEEPS["fused" if args.fused else "fp8-dot" if args.fp8_dot else args.sweep]
               if args.cases in c[0]]
-    cases = {c.name: c for c in bench.CASES}
+    cases = all_cases()
     results = []
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share

@@ -17,13 +17,12 @@ import kernel_asm  # noqa: E402
 import profile_case  # noqa: E402
 import tune_kernels  # noqa: E402
 
-from compiled_attn import bench  # noqa: E402
 from compiled_attn.kernels import paged_attention as pa  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(tune_kernels.SWEEPS))
 def test_sweeps_name_real_cases_and_constants(name):
-    cases = {c.name for c in bench.CASES}
+    cases = tune_kernels.all_cases()
     for case, kv, backend, sweep in tune_kernels.SWEEPS[name]:
         assert case in cases and kv in ("bf16", "fp8") and backend in ("triton", "trtllm")
         configs = tune_kernels.configurations(sweep)
