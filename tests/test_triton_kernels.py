@@ -941,3 +941,14 @@ def test_one_key_loop_only_for_short_decode_splits():
     assert not one_loop(8192 + 16, 64, 32), "129 tiles in 32 splits: 5 a split"
     assert not one_loop(4096, 64, 4) and not one_loop(16384, 64, 2)
     assert not one_loop(256, 64, 1, max_query_len=2048), "prefill keeps its mask-free loop"
+
+
+def test_store_and_decode_fp8_many_splits_in_one_loop(interpreter, monkeypatch):
+    """The shape of fp8 batch-1 decode on an H100 (16 splits of a few tiles each, walked in one
+    loop, merged by the reduction launch), scaled down: 517 keys in 16-key tiles, 16 splits."""
+    plans = []
+    plan = sd_mod._launch_plan
+    monkeypatch.setattr(sd_mod, "_launch_plan", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
+    check_store_and_decode(Case("decode", kv_heads=2, fp8=True, num_splits=16, tile_n=16), batch=([1], [517]))
+    (_, _, constexprs), reduce_launch = plans[0]
+    assert constexprs["ONE_KEY_LOOP"] and constexprs["NUM_SPLITS"] == 16 and reduce_launch is not None
