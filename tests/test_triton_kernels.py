@@ -251,14 +251,26 @@ def _attention(b: Paged, case: Case, fn, out):
               tile_n=case.tile_n, **case.features())
 
 
-def check_attention_case(case: Case, device="cpu", seed=0, batches=BATCHES):
+def nan_poisoned(cache: torch.Tensor) -> torch.Tensor:
+    """A copy of a test cache whose POISON slots (unused blocks, the trap block, slots past each
+    sequence) hold NaN: a kernel that lets one of them into a score or a sum shows it, even where
+    a finite poison would be multiplied by a zero probability. (The reference reads the padded
+    table whole, so it keeps the finite poison.)"""
+    c = cache.float()
+    c[c == POISON] = float("nan")
+    return c.to(cache.dtype)
+
+
+def check_attention_case(case: Case, device="cpu", seed=0, batches=BATCHES, nan_poison=False):
     b = case.make(device, seed, batches)
     # Attention reads the cache after the store; store with the reference so this tests attention alone.
     sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    ref = _attention(b, case, pa_mod.paged_attention_reference, None)
+    if nan_poison:
+        b = dataclasses.replace(b, kv_cache=nan_poisoned(b.kv_cache))
     before = b.kv_cache.clone()
     out = torch.full_like(b.q, float("nan"))
     _attention(b, case, pa_mod.paged_attention, out)
-    ref = _attention(b, case, pa_mod.paged_attention_reference, None)
     n = b.num_real_tokens
     assert not out.isnan().any(), "every row of out must be written"
     assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
@@ -338,7 +350,8 @@ def test_interpreter_swaps_kernels_in(interpreter):
 DECODE_BATCH = ([1, 1, 1, 1], [1, 20, 41, 16])
 
 
-def check_store_and_decode(case: Case, device="cpu", seed=0, batch=DECODE_BATCH, drop_slot=False):
+def check_store_and_decode(case: Case, device="cpu", seed=0, batch=DECODE_BATCH, drop_slot=False,
+                           nan_poison=False):
     q_lens, s_lens = batch
     b = make_paged(q_lens, s_lens, heads=case.heads, kv_heads=case.kv_heads, head_size=case.head_size,
                    block_size=case.block_size, dtype=case.dtype, fp8=case.fp8, alibi=case.alibi, pad_tokens=1,
@@ -352,9 +365,11 @@ def check_store_and_decode(case: Case, device="cpu", seed=0, batch=DECODE_BATCH,
     args = (b.q, b.k, b.v)
     kw = dict(alibi_slopes=b.alibi_slopes, k_scale=b.k_scale, v_scale=b.v_scale, **case.features())
     out = torch.full_like(b.q, float("nan"))
-    cache = b.kv_cache.clone()
+    cache = nan_poisoned(b.kv_cache) if nan_poison else b.kv_cache.clone()
     sd_mod.store_and_decode(*args, cache, m.seq_lens, m.block_table, slots, out, num_splits=case.num_splits,
                             tile_n=case.tile_n, **kw)
+    if nan_poison:  # back to the finite poison the reference's cache holds
+        cache = torch.where(cache.float().isnan(), POISON, cache.float()).to(cache.dtype)
     ref_cache = b.kv_cache.clone()
     ref = sd_mod.store_and_decode_reference(*args, ref_cache, m.seq_lens, m.block_table, m.slot_mapping, **kw)
     if drop_slot:
@@ -919,16 +934,17 @@ def test_split_count_targets_waves_of_resident_programs():
                                   "spec_decode_gqa3_bs32"])
 def test_one_key_loop_and_two_loops(interpreter, monkeypatch, name, one_loop):
     """Decode buckets walk short splits in one loop (masks under a branch, key rows past the
-    sequence clamped in bounds) and long ones in two; both paths agree with the reference."""
+    sequence clamped in bounds) and long ones in two; both paths agree with the reference and
+    read no poisoned slot (NaN poison: a masked read of one would still show)."""
     monkeypatch.setattr(pa_mod, "ONE_LOOP_MAX_TILES", 10**6 if one_loop else 0)
-    check_attention_case(ATTENTION_CASES[name])
+    check_attention_case(ATTENTION_CASES[name], nan_poison=True)
 
 
 @pytest.mark.parametrize("one_loop", [True, False])
 @pytest.mark.parametrize("name", ["gqa2_window_split2", "gqa4_alibi_soft_cap", "gqa2_fp8_d96_split2"])
 def test_store_and_decode_one_key_loop_and_two_loops(interpreter, monkeypatch, name, one_loop):
     monkeypatch.setattr(pa_mod, "ONE_LOOP_MAX_TILES", 10**6 if one_loop else 0)
-    check_store_and_decode(DECODE_CASES[name])
+    check_store_and_decode(DECODE_CASES[name], nan_poison=True)
 
 
 def test_one_key_loop_only_for_short_decode_splits():
@@ -949,6 +965,7 @@ def test_store_and_decode_fp8_many_splits_in_one_loop(interpreter, monkeypatch):
     plans = []
     plan = sd_mod._launch_plan
     monkeypatch.setattr(sd_mod, "_launch_plan", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
-    check_store_and_decode(Case("decode", kv_heads=2, fp8=True, num_splits=16, tile_n=16), batch=([1], [517]))
+    check_store_and_decode(Case("decode", kv_heads=2, fp8=True, num_splits=16, tile_n=16), batch=([1], [517]),
+                           nan_poison=True)
     (_, _, constexprs), reduce_launch = plans[0]
     assert constexprs["ONE_KEY_LOOP"] and constexprs["NUM_SPLITS"] == 16 and reduce_launch is not None
