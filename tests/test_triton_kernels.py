@@ -969,3 +969,13 @@ def test_store_and_decode_fp8_many_splits_in_one_loop(interpreter, monkeypatch):
                            nan_poison=True)
     (_, _, constexprs), reduce_launch = plans[0]
     assert constexprs["ONE_KEY_LOOP"] and constexprs["NUM_SPLITS"] == 16 and reduce_launch is not None
+
+
+@pytest.mark.parametrize("kernel", ["paged_attention", "store_and_decode"])
+def test_sixty_four_splits_of_the_largest_head(interpreter, kernel):
+    """MAX_SPLITS (64) partials of a 256-wide head through the reduction launch, some splits empty."""
+    case = Case("decode", head_size=256, dtype=torch.float32, max_query_len=1, num_splits=pa_mod.MAX_SPLITS, tile_n=16)
+    if kernel == "paged_attention":
+        check_attention_case(case)
+    else:
+        check_store_and_decode(case)
