@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 from . import _jit
 from . import paged_attention as pa
 from . import store_and_decode as sd
+from .store_kv import FP8_E4M3_MAX
 
 FLOAT_ARGS = ("scale", "softcap")
 INT64_PTRS = ("slot_ptr",)
@@ -97,12 +98,11 @@ class Launch:
                            num_stages=self.num_stages, arch=arch)
 
 
-def _common(head_size: int, group: int, heads: int, block_size: int, fp8: bool, features: dict | None) -> dict:
-    """Constexprs both kernels share; ``features`` turns on USE_WINDOW / USE_ALIBI / USE_SOFTCAP.
+def _constexprs(*, features: dict | None, **static) -> dict:
+    """The launch plans' constexprs for these static shapes (``paged_attention.kernel_constexprs``,
+    compiled-path choices: no fp32 dots); ``features`` sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP.
     Module constants are read now, so a patched one (``scripts/kernel_asm.py --set``) counts."""
-    off = dict(USE_WINDOW=False, USE_ALIBI=False, USE_SOFTCAP=False, DOT_FP32=False, FP8_DOT_FP16=pa.FP8_DOT_FP16)
-    return dict(off, **(features or {}), G=group, NUM_HEADS=heads, HEAD=head_size,
-                HEAD_PAD=triton.next_power_of_2(head_size), BLOCK_SIZE=block_size, IS_FP8=fp8)
+    return dict(pa.kernel_constexprs(dot_fp32=False, **static), **(features or {}))
 
 
 def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,
@@ -111,16 +111,17 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
     """The unified kernel for a decode bucket (one query a sequence, ``num_splits`` splits,
     default 4) or a long prefill bucket, with the package's tile choices (``hopper``: sm_90;
     ``max_context``: what the block table addresses)."""
+    max_query_len = 1 if decode else 2048
     block_m, block_q, tile_n, warps, stages = pa.tile_config(
-        num_queries_per_kv=group, head_size=head_size, max_query_len=1 if decode else 2048, interpret=False,
+        num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=False,
         fp8=fp8, hopper=hopper)
     splits = num_splits or (4 if decode else 1)
-    constexprs = dict(_common(head_size, group, heads, block_size, fp8, features), BLOCK_M=block_m,
-                      BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=splits,
-                      FUSED_REDUCE=1 < splits <= pa.FUSED_MAX_SPLITS, MERGE_CHUNK=pa.merge_chunk(splits, block_m),
-                      LONGEST_FIRST=pa.LONGEST_FIRST,
-                      ONE_KEY_LOOP=decode and pa.one_key_loop(max_context=max_context, tile_n=tile_n,
-                                                              num_splits=splits, max_query_len=1))
+    constexprs = dict(
+        _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
+                    block_m=block_m, tile_n=tile_n, num_splits=splits,
+                    fused_reduce=1 < splits <= pa.FUSED_MAX_SPLITS, max_context=max_context,
+                    max_query_len=max_query_len, fp8=fp8),
+        BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST)
     return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 
@@ -133,11 +134,11 @@ def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bo
         num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=False, fp8=fp8)
     if fused is None:
         fused = 1 < num_splits <= pa.FUSED_MAX_SPLITS
-    constexprs = dict(_common(head_size, group, heads, block_size, fp8, features), BLOCK_M=block_m, TILE_N=tile_n,
-                      NUM_SPLITS=num_splits, FUSED_REDUCE=fused, FP8_MAX=448.0, ROUND_FP8=False,
-                      MERGE_CHUNK=pa.merge_chunk(num_splits, block_m),
-                      ONE_KEY_LOOP=pa.one_key_loop(max_context=max_context, tile_n=tile_n, num_splits=num_splits,
-                                                   max_query_len=1))
+    constexprs = dict(
+        _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
+                    block_m=block_m, tile_n=tile_n, num_splits=num_splits, fused_reduce=fused,
+                    max_context=max_context, max_query_len=1, fp8=fp8),
+        FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=False)
     return Launch(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 

@@ -496,6 +496,23 @@ def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_le
     return max_query_len <= SPLIT_MAX_QUERY_LEN and tiles_per_split <= ONE_LOOP_MAX_TILES
 
 
+def kernel_constexprs(
+    *, group: int, num_heads: int, head_size: int, block_size: int, block_m: int, tile_n: int, num_splits: int,
+    fused_reduce: bool, max_context: int, max_query_len: int, fp8: bool, dot_fp32: bool, window: bool = False,
+    alibi: bool = False, softcap: bool = False,
+) -> dict:
+    """The constexprs both attention kernels take, from static shapes (this module's constants read
+    now). Their launch plans and the ahead-of-time builds (``_aot``) all derive them here."""
+    return dict(
+        G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=_jit.next_power_of_2(head_size),
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=fused_reduce,
+        USE_WINDOW=window, USE_ALIBI=alibi, USE_SOFTCAP=softcap, IS_FP8=fp8, DOT_FP32=dot_fp32,
+        FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m),
+        ONE_KEY_LOOP=one_key_loop(max_context=max_context, tile_n=tile_n, num_splits=num_splits,
+                                  max_query_len=max_query_len),
+    )
+
+
 def merge_chunk(num_splits: int, block_m: int) -> int:
     """Splits per load in the in-kernel merge (:func:`_combine_splits`): as many as fit
     ``FUSED_MERGE_ROWS`` rows of partials, a power of two."""
@@ -643,12 +660,12 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         mean_query_len=q.shape[0] / max(seq_lens.shape[0], 1))
     tile_n = tile_n or default_tile_n
     num_q_blocks = num_tokens // block_q + num_seqs
+    max_context = block_table.shape[1] * block_size
     if not num_splits:
         busy_blocks = num_seqs * max(1, math.ceil(max_query_len / block_q))
         num_splits = choose_num_splits(
-            num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
+            num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=max_context,
             max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=fp8)
-    head_pad = _jit.next_power_of_2(head_size)
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,
         placeholder=k_scale, valid_from_seq_lens=False)
@@ -659,14 +676,13 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         *q.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
     attn_constexprs = dict(
-        G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_Q=block_q, TILE_N=tile_n, NUM_SPLITS=num_splits,
-        FUSED_REDUCE=num_splits > 1 and reduce_launch is None,
-        USE_WINDOW=bool(sliding_window), USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
-        IS_FP8=fp8, DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m), LONGEST_FIRST=LONGEST_FIRST,
-        ONE_KEY_LOOP=one_key_loop(max_context=block_table.shape[1] * block_size, tile_n=tile_n,
-                                  num_splits=num_splits, max_query_len=max_query_len),
-        num_warps=num_warps, num_stages=num_stages,
+        kernel_constexprs(
+            group=group, num_heads=num_heads, head_size=head_size, block_size=block_size, block_m=block_m,
+            tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
+            max_context=max_context, max_query_len=max_query_len, fp8=fp8,
+            dot_fp32=interpret or q.dtype == torch.float32, window=bool(sliding_window),
+            alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
+        BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, num_warps=num_warps, num_stages=num_stages,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
     return (attn_grid, attn_args, attn_constexprs), reduce_launch

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _jit, paged_attention
+from . import _jit
 from .paged_attention import (
     LOG2E,
     _attend_range,
@@ -35,8 +35,8 @@ from .paged_attention import (
     check_attention_args,
     check_scale,
     choose_num_splits,
+    kernel_constexprs,
     launch_planned,
-    merge_chunk,
     num_sms,
     split_workspace,
     tile_config,
@@ -159,11 +159,11 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     block_m, _, default_tile_n, num_warps, num_stages = tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=interpret, fp8=fp8)
     tile_n = tile_n or default_tile_n
+    max_context = block_table.shape[1] * block_size
     if not num_splits:
         num_splits = choose_num_splits(
-            num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=block_table.shape[1] * block_size,
+            num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=max_context,
             max_query_len=1, num_sms=num_sms(q.device), fp8=fp8)
-    head_pad = _jit.next_power_of_2(head_size)
     # The reduction reads validity from seq_lens (padding sequences have length 0), so its
     # query_start_loc argument is a placeholder.
     scratch, reduce_launch = split_workspace(
@@ -176,15 +176,12 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
     constexprs = dict(
-        G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits,
-        FUSED_REDUCE=num_splits > 1 and reduce_launch is None, USE_WINDOW=bool(sliding_window),
-        USE_ALIBI=alibi_slopes is not None, USE_SOFTCAP=bool(logits_soft_cap),
-        IS_FP8=fp8, FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret,
-        DOT_FP32=interpret or q.dtype == torch.float32, FP8_DOT_FP16=paged_attention.FP8_DOT_FP16,
-        MERGE_CHUNK=merge_chunk(num_splits, block_m), ONE_KEY_LOOP=paged_attention.one_key_loop(
-            max_context=block_table.shape[1] * block_size, tile_n=tile_n, num_splits=num_splits, max_query_len=1),
-        num_warps=num_warps, num_stages=num_stages,
+        kernel_constexprs(
+            group=group, num_heads=num_heads, head_size=head_size, block_size=block_size, block_m=block_m,
+            tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
+            max_context=max_context, max_query_len=1, fp8=fp8, dot_fp32=interpret or q.dtype == torch.float32,
+            window=bool(sliding_window), alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
+        FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret, num_warps=num_warps, num_stages=num_stages,
     )
     return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
 
