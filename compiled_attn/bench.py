@@ -29,12 +29,12 @@ from .spec import AttentionSpec
 
 # Llama-3-8B attention.
 LLAMA3_8B = AttentionSpec(num_heads=32, num_kv_heads=8, head_size=128)
+L2_ROTATION_BYTES = 256 << 20  # well over the H100's 50 MB L2
 
 
 def bench_spec(kv: str) -> AttentionSpec:
     """The benchmark's attention shape with a ``"bf16"`` (the queries' dtype) or ``"fp8"`` KV cache."""
     return LLAMA3_8B if kv == "bf16" else dataclasses.replace(LLAMA3_8B, kv_cache_dtype="fp8_e4m3")
-L2_ROTATION_BYTES = 256 << 20  # well over the H100's 50 MB L2
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,9 +5,9 @@
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
-``prefill-lengths`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every combination), or is a list of
-whole configurations; each configuration starts from the defaults. ``--cases TEXT`` keeps the
-cases whose name holds TEXT.
+``prefill-lengths`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
+combination), or is a list of whole configurations; each configuration starts from the defaults.
+``--cases TEXT`` keeps the cases whose name holds TEXT.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 ``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
 
@@ -30,6 +30,9 @@ from compiled_attn.kernels import paged_attention as pa
 PREFILL = {"PREFILL_BLOCK_M": (64, 128), "TILE_N_GPU": (32, 64, 128), "PREFILL_NUM_WARPS": (4, 8),
            "NUM_STAGES": (2, 3)}
 SPLITS = {"SPLIT_TARGET_WAVES": (0.25, 0.5, 1, 2)}  # x 4 resident bf16 programs = 1, 2, 4, 8 an SM
+DECODE_CASE_NAMES = ("decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384",
+                     "decode ragged 64x[256,8192]")
+PREFILL_CASE_NAMES = ("prefill 8x2048", "prefill 1x16384", "prefill 4x2048 over 8192 cached")
 CASES = [  # (case name, kv dtype, backend, sweep)
     ("decode 1x4096", "bf16", "trtllm", {"SPLIT_MIN_KEYS": (64, 128, 256), **SPLITS, "DECODE_TILE_N_GPU": (32, 64)}),
     ("decode 32x4096", "bf16", "trtllm", {"SPLIT_MIN_KEYS": (128, 256), **SPLITS}),
@@ -71,9 +74,7 @@ SCHEDULE_CASES = [
 ]
 # --sweep defaults: every case once as the package is (an A/B of two checkouts: PYTHONPATH=<tree>).
 DEFAULT_CASES = [(name, kv, "triton" if name.startswith("prefill") else "trtllm", [{}])
-                 for name in ("decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384",
-                              "decode ragged 64x[256,8192]", "prefill 8x2048", "prefill 1x16384",
-                              "prefill 4x2048 over 8192 cached")
+                 for name in (*DECODE_CASE_NAMES, *PREFILL_CASE_NAMES)
                  for kv in (("bf16", "fp8") if name == "decode 64x16384" else ("bf16",))]
 # --sweep splits: the decode cases at each split count (MAX_SPLITS caps the heuristic's).
 SPLITS_CASES = [
@@ -95,12 +96,10 @@ PREFILL_ROWS_CASES = [(name, "bf16", "triton", PREFILL_ROWS) for name in (
 DECODE_STAGES = [{}, dict(DECODE_NUM_STAGES=5, DECODE_RESIDENT_PER_SM=3),
                  dict(DECODE_NUM_STAGES=7, DECODE_RESIDENT_PER_SM=2)]
 STAGES_CASES = [
-    *[(name, "bf16", "trtllm", DECODE_STAGES) for name in (
-        "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")],
+    *[(name, "bf16", "trtllm", DECODE_STAGES) for name in DECODE_CASE_NAMES],
     ("decode 64x16384", "fp8", "trtllm", {"DECODE_NUM_STAGES_FP8": (5, 7)}),
     ("decode 32x4096", "fp8", "trtllm", {"DECODE_NUM_STAGES_FP8": (5, 7)}),
-    *[(name, "bf16", "triton", {"NUM_STAGES": (3, 4, 5)}) for name in (
-        "prefill 8x2048", "prefill 1x16384", "prefill 4x2048 over 8192 cached")],
+    *[(name, "bf16", "triton", {"NUM_STAGES": (3, 4, 5)}) for name in PREFILL_CASE_NAMES],
 ]
 # --sweep warps: fewer registers a thread. Prefill: 16 warps give each warpgroup 64 of the 256 rows
 # (128 registers, no spills with 32-key tiles, against 255 and spills at 8 warps / 64 keys);
@@ -112,10 +111,8 @@ PREFILL_WARPS = [{}, dict(TILE_N_GPU=32), dict(TILE_N_GPU=32, NUM_STAGES=4), dic
 DECODE_WARPS = [{}, dict(DECODE_NUM_WARPS=2, DECODE_TILE_N_GPU=32, DECODE_RESIDENT_PER_SM=7),
                 dict(DECODE_NUM_WARPS=2, DECODE_TILE_N_GPU=64, DECODE_RESIDENT_PER_SM=4)]
 WARPS_CASES = [
-    *[(name, "bf16", "triton", PREFILL_WARPS) for name in (
-        "prefill 8x2048", "prefill 1x16384", "prefill 4x2048 over 8192 cached")],
-    *[(name, "bf16", "trtllm", DECODE_WARPS) for name in (
-        "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")],
+    *[(name, "bf16", "triton", PREFILL_WARPS) for name in PREFILL_CASE_NAMES],
+    *[(name, "bf16", "trtllm", DECODE_WARPS) for name in DECODE_CASE_NAMES],
 ]
 # --sweep small-grid: batch-1 decode is a chain of dependent instructions in each program (256
 # programs, under one wave): 8 warps split each program's tile work, at half the resident programs.
@@ -123,8 +120,7 @@ SMALL_GRID_CASES = [(name, "bf16", backend, {"DECODE_NUM_WARPS": (4, 8), "DECODE
                     for name, backend in (("decode 1x4096", "trtllm"), ("decode 1x4096", "triton"))]
 # --sweep fp8-splits: 2 fp8 decode programs fit an SM (4 bf16 ones), so 8 programs an SM are 4
 # waves for fp8 (the target before) and 2 for bf16; the target is now 2 waves for both.
-FP8_SPLITS_CASES = [(name, "fp8", "trtllm", {"SPLIT_TARGET_WAVES": (4, 2)}) for name in (
-    "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")]
+FP8_SPLITS_CASES = [(name, "fp8", "trtllm", {"SPLIT_TARGET_WAVES": (4, 2)}) for name in DECODE_CASE_NAMES]
 # --sweep small-grid-stages: at batch 1 (32 splits) a program walks 2 bf16 tiles (1 fp8 tile), so
 # the K/V pipeline's prologue buys nothing: on sm_90 (Triton 3.6) 2 stages take the bf16 kernel from
 # 2160 to 1712 instructions and 123 to 94 registers (3 and 4 stages build the same kernel); fp8 at
@@ -139,8 +135,7 @@ SMALL_GRID_STAGES_CASES = [
 # never, always, or as the package does (splits of at most ONE_LOOP_MAX_TILES tiles).
 ONE_LOOP = {"ONE_LOOP_MAX_TILES": (0, 10**6, 4)}
 ONE_LOOP_CASES = [
-    *[(name, kv, "trtllm", ONE_LOOP) for kv in ("bf16", "fp8") for name in (
-        "decode 1x4096", "decode 32x4096", "decode 128x2048", "decode 64x16384", "decode ragged 64x[256,8192]")],
+    *[(name, kv, "trtllm", ONE_LOOP) for kv in ("bf16", "fp8") for name in DECODE_CASE_NAMES],
     *[(name, "bf16", "triton", ONE_LOOP) for name in ("decode 1x4096", "decode ragged 64x[256,8192]")],
 ]
 # --sweep small-grid-merge: batch-1 decode with one-loop splits, whose programs are shorter: the
