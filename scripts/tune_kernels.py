@@ -5,8 +5,10 @@
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
-``prefill-lengths`` (see ``SWEEPS``). A sweep maps a constant to the values to try (every
-combination), or is a list of whole configurations; each configuration starts from the defaults.
+``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``
+(see ``SWEEPS``).
+A sweep maps a constant to the values to try (every combination), or is a list of whole
+configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 ``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
@@ -155,12 +157,53 @@ EXTRA_CASES = [bench.Case(f"prefill {n}x{16384 // n}", "prefill", (16384 // n,) 
                for n in PREFILL_SPLITS if f"prefill {n}x{16384 // n}" not in {c.name for c in bench.CASES}]
 PREFILL_LENGTHS_CASES = [(f"prefill {n}x{16384 // n}", "bf16", "triton", [{}, dict(LONGEST_FIRST=False)])
                          for n in PREFILL_SPLITS]
+# --sweep pdl: programmatic dependent launch off and on, twice, for every benchmark case (a graph
+# replays many calls back to back: each kernel launches while the one before it drains).
+PDL = [dict(PROGRAMMATIC_LAUNCH=False), dict(PROGRAMMATIC_LAUNCH=True)] * 2
+PDL_CASES = [(name, kv, backend, PDL) for name, kv, backend, _ in DEFAULT_CASES] + [
+    (name, "bf16", "triton", PDL) for name in ("decode 1x4096", "decode 32x4096")]
+# --sweep order-pdl: query blocks longest-first or in order (chosen with 128-row prefill tiles and
+# ordinary launches), twice, every benchmark case; and batch-1 decode's split counts and in-kernel
+# merges again, now that the reduction launch starts early.
+ORDER = [dict(LONGEST_FIRST=True), dict(LONGEST_FIRST=False)] * 2
+SMALL_GRID_PDL = [{}, dict(FUSED_MAX_SPLITS=64), dict(SPLIT_MIN_KEYS=128, SPLIT_MIN_KEYS_FP8=128, MAX_SPLITS=32),
+                  dict(SPLIT_MIN_KEYS=128, SPLIT_MIN_KEYS_FP8=128, MAX_SPLITS=32, FUSED_MAX_SPLITS=32),
+                  dict(SPLIT_MIN_KEYS=256, FUSED_MAX_SPLITS=16)] * 2
+ORDER_PDL_CASES = [(name, kv, backend, ORDER) for name, kv, backend, _ in DEFAULT_CASES] + [
+    ("decode 1x4096", kv, "trtllm", SMALL_GRID_PDL) for kv in ("bf16", "fp8")]
+# --sweep pdl-small-grid: batch-1 decode with ordinary and programmatic launches, each with the
+# in-kernel merge up to 8 or 16 splits (fp8 takes 16 splits); and the query-block order again on
+# the prefill cases, three times (the prefix case's times are bimodal).
+PDL_SMALL_GRID = [dict(PROGRAMMATIC_LAUNCH=p, FUSED_MAX_SPLITS=f) for p in (False, True) for f in (8, 16)] * 2
+PDL_SMALL_GRID_CASES = [("decode 1x4096", kv, backend, PDL_SMALL_GRID) for kv, backend in (
+    ("bf16", "trtllm"), ("fp8", "trtllm"), ("bf16", "triton"), ("fp8", "triton"))] + [
+    (name, "bf16", "triton", [dict(LONGEST_FIRST=True), dict(LONGEST_FIRST=False)] * 3) for name in PREFILL_CASE_NAMES]
+# --sweep launch-next: the next kernel allowed to launch when every program has started, or only
+# after the key loops (both kernels alike); batch 1 with the in-kernel merge up to 8 or 16 splits
+# too (fp8 takes 16).
+def launch_next(early: bool) -> dict:
+    return {"EARLY_LAUNCH_NEXT": {"store_and_decode": early, "paged_attention": early}}
+
+
+LAUNCH_NEXT = [launch_next(e) for e in (True, False)] * 2
+LAUNCH_NEXT_CASES = [("decode 1x4096", kv, "trtllm", [dict(launch_next(e), FUSED_MAX_SPLITS=f) for e in (True, False)
+                                                      for f in (8, 16)] * 2) for kv in ("bf16", "fp8")] + [
+    (name, kv, backend, LAUNCH_NEXT) for name, kv, backend, _ in DEFAULT_CASES if name != "decode 1x4096"] + [
+    ("decode 1x4096", kv, "triton", LAUNCH_NEXT) for kv in ("bf16", "fp8")]
+# --sweep pdl-check: the adopted launch choices (store_and_decode lets the next kernel launch early
+# and merges up to 16 splits in-kernel; the unified kernel after its key loop, up to 8) against
+# ordinary launches, twice, where the full benchmark moved: the unified kernel's fp8 decode.
+PDL_CHECK = [dict(PROGRAMMATIC_LAUNCH=False), {}] * 2
+PDL_CHECK_CASES = [(name, "fp8", "triton", PDL_CHECK) for name in DECODE_CASE_NAMES] + [
+    ("decode 1x4096", kv, backend, PDL_CHECK) for kv, backend in (("bf16", "triton"), ("fp8", "trtllm"))]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
           "small-grid": SMALL_GRID_CASES, "fp8-splits": FP8_SPLITS_CASES,
           "small-grid-stages": SMALL_GRID_STAGES_CASES, "one-loop": ONE_LOOP_CASES,
-          "small-grid-merge": SMALL_GRID_MERGE_CASES, "prefill-lengths": PREFILL_LENGTHS_CASES}
+          "small-grid-merge": SMALL_GRID_MERGE_CASES, "prefill-lengths": PREFILL_LENGTHS_CASES, "pdl": PDL_CASES,
+          "order-pdl": ORDER_PDL_CASES, "pdl-small-grid": PDL_SMALL_GRID_CASES,
+          "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES}
 
 
 def all_cases() -> dict:

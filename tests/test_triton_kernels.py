@@ -410,7 +410,9 @@ def test_split_counters_grow_without_freeing(monkeypatch):
     big = pa_mod.split_counters(q, small.numel() + 1, num_splits=2)
     assert big.numel() > small.numel() and pa_mod._RETIRED_SPLIT_COUNTERS == [small]
     assert pa_mod.split_counters(q, 10, num_splits=1) is None, "one split needs no merge"
-    assert pa_mod.split_counters(q, 10, num_splits=pa_mod.FUSED_MAX_SPLITS + 1) is None
+    for kernel in ("paged_attention", "store_and_decode"):
+        assert pa_mod.split_counters(q, 10, pa_mod.fused_max_splits(kernel) + 1, kernel) is None
+        assert pa_mod.split_counters(q, 10, pa_mod.fused_max_splits(kernel), kernel) is big
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -834,6 +836,49 @@ def test_gpu_compile_and_cuda_graph(compiled):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("merge", ["in_kernel", "reduction_launch"])
+@pytest.mark.parametrize("backend", ["triton", "trtllm"])
+def test_gpu_programmatic_launch_chain(compiled, monkeypatch, backend, merge):
+    """Six calls, each taking the previous call's output as q, replayed from one CUDA graph with
+    programmatic dependent launch: every kernel is launched while the one before it drains, so a
+    read before its griddepcontrol.wait would see a stale q (or stale partials). The replay must
+    give the bits of the same chain launched the ordinary way."""
+    if pa_mod.compute_capability(torch.device("cuda")) < (9, 0):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    if merge == "reduction_launch":
+        monkeypatch.setattr(pa_mod, "FUSED_MAX_SPLITS", 1)
+    case = Case("", 32, 8, 128, 16, torch.bfloat16, max_query_len=1)
+    b = make_paged(*GPU_BATCHES["decode_16x2k"], heads=32, kv_heads=8, head_size=128, block_size=16,
+                   dtype=torch.bfloat16, max_query_len=1, pad_tokens=1, pad_seqs=1, device="cuda")
+    assert b.meta.is_decode_layout(b.q.shape[0])
+    outs = [torch.empty_like(b.q) for _ in range(6)]
+    cache = b.kv_cache.clone()
+
+    def chain():
+        q = b.q
+        for out in outs:
+            BACKENDS[backend].forward(q, b.k, b.v, cache, b.meta, out, scale=case.features()["scale"],
+                                      sliding_window=None, logits_soft_cap=None, alibi_slopes=None,
+                                      k_scale=b.k_scale, v_scale=b.v_scale)
+            q = out
+
+    monkeypatch.setattr(pa_mod, "PROGRAMMATIC_LAUNCH", False)
+    chain()
+    expected = [out.clone() for out in outs]
+    monkeypatch.setattr(pa_mod, "PROGRAMMATIC_LAUNCH", True)
+    assert pa_mod.launch_options(b.q, pa_mod.programmatic_launch(b.q.device)) == {"launch_pdl": True}
+    graph = bench.capture_graph(chain)
+    for _ in range(3):
+        for out in outs:
+            out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for i, (got, want) in enumerate(zip(outs, expected)):
+            assert same_bits(got, want), f"call {i}"
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_opcheck(compiled, dtype):
     opcheck_all("cuda", dtype)
@@ -890,6 +935,21 @@ def test_head_major_pages_read_through_strides(interpreter, backend):
     assert not out.isnan().any()
     torch.testing.assert_close(out_hm, out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(stored_hm, stored, rtol=0, atol=0)
+
+
+def test_programmatic_launch_only_for_real_launches(monkeypatch):
+    """The launch attribute goes only to launches Triton makes itself, with real tensors, of kernels
+    built for it; compiled and exported code launches the same kernels the ordinary way."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert not pa_mod.programmatic_launch(torch.device("cpu"))  # the interpreter: no griddepcontrol
+    t = torch.zeros(2)
+    assert pa_mod.launch_options(t, True) == {"launch_pdl": True}
+    assert pa_mod.launch_options(t, False) == {}
+    with FakeTensorMode() as mode:
+        assert pa_mod.launch_options(mode.from_tensor(t), True) == {}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert pa_mod.launch_options(t, True) == {}
 
 
 def test_tile_config_by_device_and_bucket():
@@ -961,14 +1021,15 @@ def test_one_key_loop_only_for_short_decode_splits():
 
 def test_store_and_decode_fp8_many_splits_in_one_loop(interpreter, monkeypatch):
     """The shape of fp8 batch-1 decode on an H100 (16 splits of a few tiles each, walked in one
-    loop, merged by the reduction launch), scaled down: 517 keys in 16-key tiles, 16 splits."""
+    loop, merged in the kernel by the last split), scaled down: 517 keys in 16-key tiles, 16 splits."""
     plans = []
     plan = sd_mod._launch_plan
     monkeypatch.setattr(sd_mod, "_launch_plan", lambda *a, **k: plans.append(plan(*a, **k)) or plans[-1])
     check_store_and_decode(Case("decode", kv_heads=2, fp8=True, num_splits=16, tile_n=16), batch=([1], [517]),
                            nan_poison=True)
     (_, _, constexprs), reduce_launch = plans[0]
-    assert constexprs["ONE_KEY_LOOP"] and constexprs["NUM_SPLITS"] == 16 and reduce_launch is not None
+    assert constexprs["ONE_KEY_LOOP"] and constexprs["NUM_SPLITS"] == 16
+    assert constexprs["FUSED_REDUCE"] and reduce_launch is None
 
 
 @pytest.mark.parametrize("kernel", ["paged_attention", "store_and_decode"])

@@ -78,6 +78,8 @@ def compile_for(kernel, constexprs: dict, cache_type: str, *, num_warps: int, nu
     _jit.refresh(namespace, interpret=False)  # an interpreted launch leaves the module's functions interpreted
     kernel = namespace[kernel.fn.__name__]
     constexprs, attrs = jit_specialisation(kernel, constexprs)
+    if constexprs.get("USE_GDC"):  # as programmatic_launch decides on a device of this arch
+        constexprs["USE_GDC"] = arch >= 90
     source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, cache_type), constexprs=constexprs,
                        attrs=attrs)
     return triton.compile(source, target=target(arch), options={"num_warps": num_warps, "num_stages": num_stages})
@@ -100,9 +102,10 @@ class Launch:
 
 def _constexprs(*, features: dict | None, **static) -> dict:
     """The launch plans' constexprs for these static shapes (``paged_attention.kernel_constexprs``,
-    compiled-path choices: no fp32 dots); ``features`` sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP.
-    Module constants are read now, so a patched one (``scripts/kernel_asm.py --set``) counts."""
-    return dict(pa.kernel_constexprs(dot_fp32=False, **static), **(features or {}))
+    compiled-path choices: no fp32 dots, programmatic launch where the arch has it); ``features``
+    sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP. Module constants are read now, so a patched one
+    (``scripts/kernel_asm.py --set``) counts."""
+    return dict(pa.kernel_constexprs(dot_fp32=False, gdc=True, **static), **(features or {}))
 
 
 def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,
@@ -119,7 +122,7 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
     constexprs = dict(
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=splits,
-                    fused_reduce=1 < splits <= pa.FUSED_MAX_SPLITS, max_context=max_context,
+                    fused_reduce=1 < splits <= pa.fused_max_splits("paged_attention"), max_context=max_context,
                     max_query_len=max_query_len, fp8=fp8),
         BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST)
     return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
@@ -133,11 +136,11 @@ def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bo
     block_m, _, tile_n, warps, stages = pa.tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=False, fp8=fp8)
     if fused is None:
-        fused = 1 < num_splits <= pa.FUSED_MAX_SPLITS
+        fused = 1 < num_splits <= pa.fused_max_splits("store_and_decode")
     constexprs = dict(
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=num_splits, fused_reduce=fused,
-                    max_context=max_context, max_query_len=1, fp8=fp8),
+                    max_context=max_context, max_query_len=1, fp8=fp8, kernel="store_and_decode"),
         FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=False)
     return Launch(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 

@@ -19,11 +19,16 @@ diagonal tiles pay for them.
 
 Split-KV (flash-decoding): when the batch is decode-like (``max_query_len`` small) and too small
 to fill the GPU, axis 2 splits each query block's key range into ``num_splits`` equal parts;
-each writes a partial (max, sum, acc). Up to ``FUSED_MAX_SPLITS`` splits, the last program of a
+each writes a partial (max, sum, acc). Up to :func:`fused_max_splits` splits, the last program of a
 tile to finish merges them (a per-tile atomic counter, see :func:`split_counters`); beyond that,
 or while ``torch.compile`` traces the triton_op, :func:`_reduce_splits_kernel` merges them in a
 second launch. The split count comes from static shapes (batch, KV heads, block-table width)
 and the SM count.
+
+Programmatic dependent launch (sm_90+, ``PROGRAMMATIC_LAUNCH``): every kernel here may be launched
+while the kernel before it on the stream is finishing; its programs wait for that kernel before
+touching memory (:func:`_wait_for_previous_kernel`) and then, early or after their key loops, let
+the next kernel launch. CUDA graphs keep these edges, so a replayed step loses less to launch gaps.
 
 Precision: all softmax arithmetic is fp32. On GPU ``tl.dot`` takes fp16/bf16 tiles (fp32 tiles
 with ``input_precision="ieee"`` for fp32 inputs) and accumulates in fp32. Under the Triton
@@ -77,16 +82,49 @@ MAX_SPLITS = 64
 DECODE_RESIDENT_PER_SM, DECODE_RESIDENT_PER_SM_FP8 = 4, 2
 FP8_DOT_FP16 = True  # fp8 K/V: tile dots in fp16 (see _query_for_dot), not in q's bf16
 FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch) ...
-FUSED_MAX_SPLITS = 8  # ... up to this many splits
+# ... up to this many splits, by kernel (an int: both). With programmatic launch, a reduction launch
+# waiting beside a kernel that lets it launch early (store_and_decode) was slow where the SMs had
+# room for it: fp8 batch-1 decode (16 splits) 15.2 us against 13.3 merged in the kernel. The unified
+# kernel lets it launch after the key loop: 13.6 us launched against 16.5 merged (tune_h100.json
+# "launch_next", bench_h100_page16.json).
+FUSED_MAX_SPLITS = {"store_and_decode": 16, "paged_attention": 8}
 FUSED_MERGE_ROWS = 64  # the merge loads [BLOCK_M, chunk, HEAD_PAD] partials with BLOCK_M * chunk <= this
 LONGEST_FIRST = True  # query blocks run from a sequence's end (the longest) to its start
 # Decode-shaped steps whose splits hold at most this many key tiles (from the static shapes) walk
 # them in one pipelined loop (see _attend_range): batch-1 decode 15.7 -> 14.6 us (bf16), 15.1 ->
 # 14.0 (fp8); long splits are 3-9% slower in one loop (tune_h100.json "one_key_loop"). 0: never.
 ONE_LOOP_MAX_TILES = 4
+# Programmatic dependent launch (sm_90+): a kernel is launched while the one before it on the stream
+# finishes, and its programs wait (griddepcontrol.wait) before their first memory access, so the
+# launch latency between kernels overlaps work, in CUDA graphs too (see programmatic_launch).
+PROGRAMMATIC_LAUNCH = True
+# When a kernel lets the next one launch: as soon as all of its programs have started, or after their
+# key loops. Batch-1 decode (tune_h100.json "launch_next"): store_and_decode 12.9 us early against
+# 13.3 after the loop; the unified kernel 14.4 us after the loop against 15.8 early (bf16; fp8 13.6
+# against 16.5), and prefill 0.5-1% faster after the loop.
+EARLY_LAUNCH_NEXT = {"store_and_decode": True, "paged_attention": False}
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
+
+
+@triton.jit
+def _wait_for_previous_kernel(USE_GDC: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True):
+    """With programmatic dependent launch this program may start before the kernel before it on
+    the stream has finished: wait for it (and its memory) before any load or store. Every program
+    calls this first, so no kernel finishes before the one it follows, and the ordering holds down
+    the stream. ``LAUNCH_NEXT``: let the next kernel launch now (else see _launch_next_kernel)."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_wait()
+        if LAUNCH_NEXT:
+            tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _launch_next_kernel(USE_GDC: tl.constexpr):
+    """Let the next kernel on the stream launch (its programs wait for this kernel to finish)."""
+    if USE_GDC:
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -372,8 +410,10 @@ def _paged_attention_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr, ONE_KEY_LOOP: tl.constexpr, USE_GDC: tl.constexpr,
+    EARLY_LAUNCH_NEXT: tl.constexpr,
 ):
+    _wait_for_previous_kernel(USE_GDC, EARLY_LAUNCH_NEXT)
     q_block = tl.program_id(0)
     if LONGEST_FIRST:  # a sequence's last query blocks see the most keys: start them first (less tail)
         q_block = tl.num_programs(0) - 1 - q_block
@@ -429,6 +469,8 @@ def _paged_attention_kernel(
         q_pos, row_valid, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
         HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
     )
+    if not EARLY_LAUNCH_NEXT:
+        _launch_next_kernel(USE_GDC)
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
     _store_result(
@@ -443,9 +485,10 @@ def _reduce_splits_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
     num_seqs, num_tokens, s_ot, s_oh, s_od,
     NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, VALID_FROM_SEQ_LENS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, VALID_FROM_SEQ_LENS: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """out[t, h] = Σ_s exp(m_s - m) acc_s / Σ_s exp(m_s - m) l_s; zeros for padding tokens."""
+    _wait_for_previous_kernel(USE_GDC)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -499,10 +542,11 @@ def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_le
 def kernel_constexprs(
     *, group: int, num_heads: int, head_size: int, block_size: int, block_m: int, tile_n: int, num_splits: int,
     fused_reduce: bool, max_context: int, max_query_len: int, fp8: bool, dot_fp32: bool, window: bool = False,
-    alibi: bool = False, softcap: bool = False,
+    alibi: bool = False, softcap: bool = False, gdc: bool = False, kernel: str = "paged_attention",
 ) -> dict:
     """The constexprs both attention kernels take, from static shapes (this module's constants read
-    now). Their launch plans and the ahead-of-time builds (``_aot``) all derive them here."""
+    now). Their launch plans and the ahead-of-time builds (``_aot``) all derive them here.
+    ``kernel``: ``"paged_attention"`` or ``"store_and_decode"``."""
     return dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=_jit.next_power_of_2(head_size),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=fused_reduce,
@@ -510,7 +554,23 @@ def kernel_constexprs(
         FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m),
         ONE_KEY_LOOP=one_key_loop(max_context=max_context, tile_n=tile_n, num_splits=num_splits,
                                   max_query_len=max_query_len),
+        USE_GDC=gdc, EARLY_LAUNCH_NEXT=EARLY_LAUNCH_NEXT[kernel],
     )
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether our kernels on ``device`` are built for programmatic dependent launch (``USE_GDC``):
+    ``PROGRAMMATIC_LAUNCH``, an sm_90+ GPU, and compiled kernels (not the interpreter)."""
+    return PROGRAMMATIC_LAUNCH and not _jit.interpreting() and compute_capability(device) >= (9, 0)
+
+
+def launch_options(t: torch.Tensor, use_gdc: bool) -> dict:
+    """The launch attribute that lets a ``USE_GDC`` kernel start early, for launches Triton makes
+    itself with real tensors. While torch.compile or export traces a triton_op the compiled code
+    launches the kernel, as an ordinary launch (its griddepcontrol.wait then returns at once)."""
+    if use_gdc and type(t) is torch.Tensor and not torch.compiler.is_compiling():
+        return {"launch_pdl": True}
+    return {}
 
 
 def merge_chunk(num_splits: int, block_m: int) -> int:
@@ -593,9 +653,14 @@ _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 _RETIRED_SPLIT_COUNTERS: list[torch.Tensor] = []
 
 
-def split_counters(q: torch.Tensor, count: int, num_splits: int) -> torch.Tensor | None:
+def fused_max_splits(kernel: str) -> int:
+    """The most splits ``kernel`` (``"paged_attention"``, ``"store_and_decode"``) merges in-kernel."""
+    return FUSED_MAX_SPLITS if isinstance(FUSED_MAX_SPLITS, int) else FUSED_MAX_SPLITS[kernel]
+
+
+def split_counters(q: torch.Tensor, count: int, num_splits: int, kernel: str = "paged_attention") -> torch.Tensor | None:
     """``count`` zeroed int32 counters for the fused split reduction, or None to use the
-    reduction launch instead (also for one split, or more than ``FUSED_MAX_SPLITS``).
+    reduction launch instead (also for one split, or more than ``fused_max_splits(kernel)``).
 
     Every launch leaves its counters zeroed, so one buffer per device serves all launches on a
     stream (as a workspace does; launches on concurrent streams must not share a device). It
@@ -603,7 +668,7 @@ def split_counters(q: torch.Tensor, count: int, num_splits: int) -> torch.Tensor
     pool) and only for plain tensors: while ``torch.compile`` traces a triton_op its inputs are
     fake, and a real global buffer cannot join that graph.
     """
-    if not FUSED_SPLIT_REDUCE or not 1 < num_splits <= FUSED_MAX_SPLITS or type(q) is not torch.Tensor:
+    if not FUSED_SPLIT_REDUCE or not 1 < num_splits <= fused_max_splits(kernel) or type(q) is not torch.Tensor:
         return None
     have = _SPLIT_COUNTERS.get(q.device)
     if have is not None and have.numel() >= count:
@@ -618,7 +683,7 @@ def split_counters(q: torch.Tensor, count: int, num_splits: int) -> torch.Tensor
 
 
 def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_rows: int, tiles: int,
-                    placeholder: torch.Tensor, valid_from_seq_lens: bool):
+                    placeholder: torch.Tensor, valid_from_seq_lens: bool, kernel: str = "paged_attention"):
     """What a launch split ``num_splits`` ways needs besides its kernel: ``(scratch, reduce)``.
 
     ``scratch`` = (part_acc, part_m, part_l, counters) for the kernel's arguments: the partials of
@@ -633,13 +698,15 @@ def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_r
     part_acc = torch.empty(num_splits, num_rows, num_heads, head_pad, dtype=torch.float32, device=q.device)
     part_m = torch.empty(num_splits, num_rows, num_heads, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    counters = split_counters(q, tiles, num_splits)
+    counters = split_counters(q, tiles, num_splits, kernel)
     if counters is not None:
         return (part_acc, part_m, part_l, counters), None
     args = (part_acc, part_m, part_l, out, query_start_loc, seq_lens, seq_lens.shape[0], num_rows, *out.stride())
+    gdc = programmatic_launch(q.device)
     constexprs = dict(
         NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-        SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=valid_from_seq_lens, num_warps=4,
+        SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=valid_from_seq_lens, USE_GDC=gdc,
+        num_warps=4, **launch_options(q, gdc),
     )
     return (part_acc, part_m, part_l, placeholder), ((num_rows, num_heads), args, constexprs)
 
@@ -669,6 +736,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,
         placeholder=k_scale, valid_from_seq_lens=False)
+    gdc = programmatic_launch(q.device)
     attn_args = (
         q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
@@ -681,8 +749,9 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
             tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
             max_context=max_context, max_query_len=max_query_len, fp8=fp8,
             dot_fp32=interpret or q.dtype == torch.float32, window=bool(sliding_window),
-            alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
+            alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap), gdc=gdc),
         BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, num_warps=num_warps, num_stages=num_stages,
+        **launch_options(q, gdc),
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
     return (attn_grid, attn_args, attn_constexprs), reduce_launch

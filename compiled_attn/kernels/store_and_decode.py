@@ -31,13 +31,17 @@ from .paged_attention import (
     _score_params,
     _split_tiles,
     _store_result,
+    _launch_next_kernel,
     _tanh,
+    _wait_for_previous_kernel,
     check_attention_args,
     check_scale,
     choose_num_splits,
     kernel_constexprs,
+    launch_options,
     launch_planned,
     num_sms,
+    programmatic_launch,
     split_workspace,
     tile_config,
 )
@@ -55,8 +59,10 @@ def _store_and_decode_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, TILE_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
-    FP8_DOT_FP16: tl.constexpr, MERGE_CHUNK: tl.constexpr, ONE_KEY_LOOP: tl.constexpr,
+    FP8_DOT_FP16: tl.constexpr, MERGE_CHUNK: tl.constexpr, ONE_KEY_LOOP: tl.constexpr, USE_GDC: tl.constexpr,
+    EARLY_LAUNCH_NEXT: tl.constexpr,
 ):
+    _wait_for_previous_kernel(USE_GDC, EARLY_LAUNCH_NEXT)
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -129,6 +135,8 @@ def _store_and_decode_kernel(
         slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
         HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
     )
+    if not EARLY_LAUNCH_NEXT:
+        _launch_next_kernel(USE_GDC)
     if IS_FP8:
         acc = acc * v_scale
     tok = tl.full([BLOCK_M], 0, dtype=tl.int64) + b
@@ -168,7 +176,8 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     # query_start_loc argument is a placeholder.
     scratch, reduce_launch = split_workspace(
         q, out, seq_lens, seq_lens, num_splits=num_splits, num_rows=num_seqs, tiles=num_seqs * kv_heads,
-        placeholder=k_scale, valid_from_seq_lens=True)
+        placeholder=k_scale, valid_from_seq_lens=True, kernel="store_and_decode")
+    gdc = programmatic_launch(q.device)
     args = (
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
@@ -180,8 +189,10 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
             group=group, num_heads=num_heads, head_size=head_size, block_size=block_size, block_m=block_m,
             tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
             max_context=max_context, max_query_len=1, fp8=fp8, dot_fp32=interpret or q.dtype == torch.float32,
-            window=bool(sliding_window), alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
+            window=bool(sliding_window), alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap), gdc=gdc,
+            kernel="store_and_decode"),
         FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret, num_warps=num_warps, num_stages=num_stages,
+        **launch_options(q, gdc),
     )
     return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
 

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _jit
+from .paged_attention import _wait_for_previous_kernel, launch_options, programmatic_launch
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 STORE_KV_NUM_WARPS = 4  # one token's [KVH, D] tile is at most a few KiB: 4 warps are plenty
@@ -41,7 +42,9 @@ def _store_kv_kernel(
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     KV_HEADS: tl.constexpr, HEAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    _wait_for_previous_kernel(USE_GDC)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
@@ -69,6 +72,7 @@ def _store_kv_kernel(
 def _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale):
     """(grid, positional args, constexpr kwargs) of one store launch; shapes only, no data."""
     _, _, block_size, kv_heads, head_size = kv_cache.shape
+    gdc = programmatic_launch(k.device)
     args = (
         k, v, kv_cache, slot_mapping, k_scale, v_scale,
         *k.stride(), *v.stride(), *kv_cache.stride(),
@@ -77,7 +81,7 @@ def _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale):
         KV_HEADS=kv_heads, HEAD=head_size, KV_HEADS_PAD=_jit.next_power_of_2(kv_heads),
         HEAD_PAD=_jit.next_power_of_2(head_size), BLOCK_SIZE=block_size,
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, num_warps=STORE_KV_NUM_WARPS,
-        ROUND_FP8=_jit.interpreting() or k.device.type != "cuda",
+        ROUND_FP8=_jit.interpreting() or k.device.type != "cuda", USE_GDC=gdc, **launch_options(k, gdc),
     )
     return (k.shape[0],), args, constexprs
 
