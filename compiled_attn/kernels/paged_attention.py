@@ -658,7 +658,8 @@ def fused_max_splits(kernel: str) -> int:
     return FUSED_MAX_SPLITS if isinstance(FUSED_MAX_SPLITS, int) else FUSED_MAX_SPLITS[kernel]
 
 
-def split_counters(q: torch.Tensor, count: int, num_splits: int, kernel: str = "paged_attention") -> torch.Tensor | None:
+def split_counters(q: torch.Tensor, count: int, num_splits: int,
+                   kernel: str = "paged_attention") -> torch.Tensor | None:
     """``count`` zeroed int32 counters for the fused split reduction, or None to use the
     reduction launch instead (also for one split, or more than ``fused_max_splits(kernel)``).
 

@@ -27,11 +27,11 @@ from . import _jit
 from .paged_attention import (
     LOG2E,
     _attend_range,
+    _launch_next_kernel,
     _query_for_dot,
     _score_params,
     _split_tiles,
     _store_result,
-    _launch_next_kernel,
     _tanh,
     _wait_for_previous_kernel,
     check_attention_args,
