@@ -98,6 +98,7 @@ ONE_LOOP_MAX_TILES = 4
 # finishes, and its programs wait (griddepcontrol.wait) before their first memory access, so the
 # launch latency between kernels overlaps work, in CUDA graphs too (see programmatic_launch).
 PROGRAMMATIC_LAUNCH = True
+_TRITON_HAS_GDC = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 # When a kernel lets the next one launch: as soon as all of its programs have started, or after their
 # key loops. Batch-1 decode (tune_h100.json "launch_next"): store_and_decode 12.9 us early against
 # 13.3 after the loop; the unified kernel 14.4 us after the loop against 15.8 early (bf16; fp8 13.6
@@ -560,8 +561,10 @@ def kernel_constexprs(
 
 def programmatic_launch(device: torch.device) -> bool:
     """Whether our kernels on ``device`` are built for programmatic dependent launch (``USE_GDC``):
-    ``PROGRAMMATIC_LAUNCH``, an sm_90+ GPU, and compiled kernels (not the interpreter)."""
-    return PROGRAMMATIC_LAUNCH and not _jit.interpreting() and compute_capability(device) >= (9, 0)
+    ``PROGRAMMATIC_LAUNCH``, an sm_90+ GPU, compiled kernels (not the interpreter), and a Triton
+    that has the grid-dependency calls (3.3 and later)."""
+    return (PROGRAMMATIC_LAUNCH and not _jit.interpreting() and _TRITON_HAS_GDC
+            and compute_capability(device) >= (9, 0))
 
 
 def launch_options(t: torch.Tensor, use_gdc: bool) -> dict:
