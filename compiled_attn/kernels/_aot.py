@@ -105,7 +105,8 @@ def _constexprs(*, features: dict | None, **static) -> dict:
     compiled-path choices: no fp32 dots, programmatic launch where the arch has it); ``features``
     sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP. Module constants are read now, so a patched one
     (``scripts/kernel_asm.py --set``) counts."""
-    return dict(pa.kernel_constexprs(dot_fp32=False, gdc=True, **static), **(features or {}))
+    gdc = pa.PROGRAMMATIC_LAUNCH and pa._TRITON_HAS_GDC
+    return dict(pa.kernel_constexprs(dot_fp32=False, gdc=gdc, **static), **(features or {}))
 
 
 def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,

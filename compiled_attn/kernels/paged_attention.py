@@ -86,7 +86,7 @@ FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no re
 # waiting beside a kernel that lets it launch early (store_and_decode) was slow where the SMs had
 # room for it: fp8 batch-1 decode (16 splits) 15.2 us against 13.3 merged in the kernel. The unified
 # kernel lets it launch after the key loop: 13.6 us launched against 16.5 merged (tune_h100.json
-# "launch_next", bench_h100_page16.json).
+# "launch_next", bench_h100_page16_merge16.json).
 FUSED_MAX_SPLITS = {"store_and_decode": 16, "paged_attention": 8}
 FUSED_MERGE_ROWS = 64  # the merge loads [BLOCK_M, chunk, HEAD_PAD] partials with BLOCK_M * chunk <= this
 LONGEST_FIRST = True  # query blocks run from a sequence's end (the longest) to its start
@@ -110,7 +110,7 @@ MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 16, 256
 
 
 @triton.jit
-def _wait_for_previous_kernel(USE_GDC: tl.constexpr, LAUNCH_NEXT: tl.constexpr = True):
+def _wait_for_previous_kernel(USE_GDC: tl.constexpr, LAUNCH_NEXT: tl.constexpr):
     """With programmatic dependent launch this program may start before the kernel before it on
     the stream has finished: wait for it (and its memory) before any load or store. Every program
     calls this first, so no kernel finishes before the one it follows, and the ordering holds down
@@ -489,7 +489,7 @@ def _reduce_splits_kernel(
     SPLITS_PAD: tl.constexpr, VALID_FROM_SEQ_LENS: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     """out[t, h] = Σ_s exp(m_s - m) acc_s / Σ_s exp(m_s - m) l_s; zeros for padding tokens."""
-    _wait_for_previous_kernel(USE_GDC)
+    _wait_for_previous_kernel(USE_GDC, True)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, SPLITS_PAD)
@@ -562,7 +562,7 @@ def kernel_constexprs(
 def programmatic_launch(device: torch.device) -> bool:
     """Whether our kernels on ``device`` are built for programmatic dependent launch (``USE_GDC``):
     ``PROGRAMMATIC_LAUNCH``, an sm_90+ GPU, compiled kernels (not the interpreter), and a Triton
-    that has the grid-dependency calls (3.3 and later)."""
+    that has the grid-dependency calls (``tl.extra.cuda.gdc_wait``; 3.6 has them)."""
     return (PROGRAMMATIC_LAUNCH and not _jit.interpreting() and _TRITON_HAS_GDC
             and compute_capability(device) >= (9, 0))
 

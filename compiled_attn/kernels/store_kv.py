@@ -44,7 +44,7 @@ def _store_kv_kernel(
     BLOCK_SIZE: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    _wait_for_previous_kernel(USE_GDC)
+    _wait_for_previous_kernel(USE_GDC, True)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
