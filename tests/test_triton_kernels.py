@@ -866,7 +866,7 @@ def test_gpu_programmatic_launch_chain(compiled, monkeypatch, backend, merge):
     chain()
     expected = [out.clone() for out in outs]
     monkeypatch.setattr(pa_mod, "PROGRAMMATIC_LAUNCH", True)
-    assert pa_mod.launch_options(b.q, pa_mod.programmatic_launch(b.q.device)) == {"launch_pdl": True}
+    assert pa_mod.launch_constexprs(b.q) == {"USE_GDC": True, "launch_pdl": True}
     graph = bench.capture_graph(chain)
     for _ in range(3):
         for out in outs:
@@ -944,12 +944,14 @@ def test_programmatic_launch_only_for_real_launches(monkeypatch):
 
     assert not pa_mod.programmatic_launch(torch.device("cpu"))  # a CPU tensor: no griddepcontrol
     t = torch.zeros(2)
-    assert pa_mod.launch_options(t, True) == {"launch_pdl": True}
-    assert pa_mod.launch_options(t, False) == {}
+    assert pa_mod.launch_constexprs(t) == {"USE_GDC": False}
+    assert not pa_mod.programmatic_launch_on((8, 9)) and pa_mod.programmatic_launch_on((9, 0)) == pa_mod._TRITON_HAS_GDC
+    monkeypatch.setattr(pa_mod, "programmatic_launch", lambda device: True)  # as on an sm_90 GPU
+    assert pa_mod.launch_constexprs(t) == {"USE_GDC": True, "launch_pdl": True}
     with FakeTensorMode() as mode:
-        assert pa_mod.launch_options(mode.from_tensor(t), True) == {}
+        assert pa_mod.launch_constexprs(mode.from_tensor(t)) == {"USE_GDC": True}
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert pa_mod.launch_options(t, True) == {}
+    assert pa_mod.launch_constexprs(t) == {"USE_GDC": True}
 
 
 def test_tile_config_by_device_and_bucket():

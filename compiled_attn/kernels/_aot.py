@@ -78,8 +78,7 @@ def compile_for(kernel, constexprs: dict, cache_type: str, *, num_warps: int, nu
     _jit.refresh(namespace, interpret=False)  # an interpreted launch leaves the module's functions interpreted
     kernel = namespace[kernel.fn.__name__]
     constexprs, attrs = jit_specialisation(kernel, constexprs)
-    if constexprs.get("USE_GDC"):  # as programmatic_launch decides on a device of this arch
-        constexprs["USE_GDC"] = arch >= 90
+    constexprs["USE_GDC"] = pa.programmatic_launch_on(divmod(arch, 10))  # as a device of this arch would launch it
     source = ASTSource(fn=kernel, signature=signature(kernel, constexprs, cache_type), constexprs=constexprs,
                        attrs=attrs)
     return triton.compile(source, target=target(arch), options={"num_warps": num_warps, "num_stages": num_stages})
@@ -102,11 +101,10 @@ class Launch:
 
 def _constexprs(*, features: dict | None, **static) -> dict:
     """The launch plans' constexprs for these static shapes (``paged_attention.kernel_constexprs``,
-    compiled-path choices: no fp32 dots, programmatic launch where the arch has it); ``features``
-    sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP. Module constants are read now, so a patched one
-    (``scripts/kernel_asm.py --set``) counts."""
-    gdc = pa.PROGRAMMATIC_LAUNCH and pa._TRITON_HAS_GDC
-    return dict(pa.kernel_constexprs(dot_fp32=False, gdc=gdc, **static), **(features or {}))
+    compiled-path choices: no fp32 dots; ``USE_GDC`` is set per arch by :func:`compile_for`);
+    ``features`` sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP. Module constants are read now, so a
+    patched one (``scripts/kernel_asm.py --set``) counts."""
+    return dict(pa.kernel_constexprs(dot_fp32=False, **static), **(features or {}))
 
 
 def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,

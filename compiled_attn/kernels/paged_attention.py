@@ -543,11 +543,12 @@ def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_le
 def kernel_constexprs(
     *, group: int, num_heads: int, head_size: int, block_size: int, block_m: int, tile_n: int, num_splits: int,
     fused_reduce: bool, max_context: int, max_query_len: int, fp8: bool, dot_fp32: bool, window: bool = False,
-    alibi: bool = False, softcap: bool = False, gdc: bool = False, kernel: str = "paged_attention",
+    alibi: bool = False, softcap: bool = False, kernel: str = "paged_attention",
 ) -> dict:
     """The constexprs both attention kernels take, from static shapes (this module's constants read
-    now). Their launch plans and the ahead-of-time builds (``_aot``) all derive them here.
-    ``kernel``: ``"paged_attention"`` or ``"store_and_decode"``."""
+    now). Their launch plans and the ahead-of-time builds (``_aot``) all derive them here; ``USE_GDC``
+    comes with the launch (:func:`launch_constexprs`). ``kernel``: ``"paged_attention"`` or
+    ``"store_and_decode"``."""
     return dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=_jit.next_power_of_2(head_size),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=fused_reduce,
@@ -555,25 +556,31 @@ def kernel_constexprs(
         FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m),
         ONE_KEY_LOOP=one_key_loop(max_context=max_context, tile_n=tile_n, num_splits=num_splits,
                                   max_query_len=max_query_len),
-        USE_GDC=gdc, EARLY_LAUNCH_NEXT=EARLY_LAUNCH_NEXT[kernel],
+        EARLY_LAUNCH_NEXT=EARLY_LAUNCH_NEXT[kernel],
     )
 
 
+def programmatic_launch_on(capability: tuple[int, int]) -> bool:
+    """Whether kernels built for a GPU of this compute capability use programmatic dependent launch
+    (``USE_GDC``): ``PROGRAMMATIC_LAUNCH``, sm_90+, and a Triton that has the grid-dependency calls
+    (``tl.extra.cuda.gdc_wait``; 3.6 has them)."""
+    return PROGRAMMATIC_LAUNCH and _TRITON_HAS_GDC and capability >= (9, 0)
+
+
 def programmatic_launch(device: torch.device) -> bool:
-    """Whether our kernels on ``device`` are built for programmatic dependent launch (``USE_GDC``):
-    ``PROGRAMMATIC_LAUNCH``, an sm_90+ GPU, compiled kernels (not the interpreter), and a Triton
-    that has the grid-dependency calls (``tl.extra.cuda.gdc_wait``; 3.6 has them)."""
-    return (PROGRAMMATIC_LAUNCH and not _jit.interpreting() and _TRITON_HAS_GDC
-            and compute_capability(device) >= (9, 0))
+    """:func:`programmatic_launch_on` for ``device``, with compiled kernels (not the interpreter)."""
+    return not _jit.interpreting() and programmatic_launch_on(compute_capability(device))
 
 
-def launch_options(t: torch.Tensor, use_gdc: bool) -> dict:
-    """The launch attribute that lets a ``USE_GDC`` kernel start early, for launches Triton makes
-    itself with real tensors. While torch.compile or export traces a triton_op the compiled code
-    launches the kernel, as an ordinary launch (its griddepcontrol.wait then returns at once)."""
-    if use_gdc and type(t) is torch.Tensor and not torch.compiler.is_compiling():
-        return {"launch_pdl": True}
-    return {}
+def launch_constexprs(t: torch.Tensor) -> dict:
+    """``USE_GDC`` for a launch of our kernels on ``t``'s device, and with it the launch attribute
+    that lets such a kernel start early, for launches Triton makes itself with real tensors. While
+    torch.compile or export traces a triton_op the compiled code launches the kernel, as an
+    ordinary launch (its griddepcontrol.wait then returns at once)."""
+    gdc = programmatic_launch(t.device)
+    if gdc and type(t) is torch.Tensor and not torch.compiler.is_compiling():
+        return {"USE_GDC": True, "launch_pdl": True}
+    return {"USE_GDC": gdc}
 
 
 def merge_chunk(num_splits: int, block_m: int) -> int:
@@ -687,13 +694,15 @@ def split_counters(q: torch.Tensor, count: int, num_splits: int,
 
 
 def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_rows: int, tiles: int,
-                    placeholder: torch.Tensor, valid_from_seq_lens: bool, kernel: str = "paged_attention"):
+                    placeholder: torch.Tensor, valid_from_seq_lens: bool, launch: dict,
+                    kernel: str = "paged_attention"):
     """What a launch split ``num_splits`` ways needs besides its kernel: ``(scratch, reduce)``.
 
     ``scratch`` = (part_acc, part_m, part_l, counters) for the kernel's arguments: the partials of
     ``num_rows`` query rows, and the ``tiles`` counters of the in-kernel merge (``placeholder``,
     never read, stands in for what is not needed). ``reduce`` is the reduction launch
-    ``(grid, args, constexprs)`` when the merge is not done in the kernel, else None.
+    ``(grid, args, constexprs)`` when the merge is not done in the kernel, else None; ``launch``:
+    the plan's :func:`launch_constexprs`.
     """
     if num_splits == 1:
         return (placeholder,) * 4, None
@@ -706,11 +715,10 @@ def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_r
     if counters is not None:
         return (part_acc, part_m, part_l, counters), None
     args = (part_acc, part_m, part_l, out, query_start_loc, seq_lens, seq_lens.shape[0], num_rows, *out.stride())
-    gdc = programmatic_launch(q.device)
     constexprs = dict(
         NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=head_pad, NUM_SPLITS=num_splits,
-        SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=valid_from_seq_lens, USE_GDC=gdc,
-        num_warps=4, **launch_options(q, gdc),
+        SPLITS_PAD=_jit.next_power_of_2(num_splits), VALID_FROM_SEQ_LENS=valid_from_seq_lens, num_warps=4,
+        **launch,
     )
     return (part_acc, part_m, part_l, placeholder), ((num_rows, num_heads), args, constexprs)
 
@@ -737,10 +745,10 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         num_splits = choose_num_splits(
             num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=max_context,
             max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=fp8)
+    launch = launch_constexprs(q)
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,
-        placeholder=k_scale, valid_from_seq_lens=False)
-    gdc = programmatic_launch(q.device)
+        placeholder=k_scale, valid_from_seq_lens=False, launch=launch)
     attn_args = (
         q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
@@ -753,9 +761,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
             tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
             max_context=max_context, max_query_len=max_query_len, fp8=fp8,
             dot_fp32=interpret or q.dtype == torch.float32, window=bool(sliding_window),
-            alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap), gdc=gdc),
-        BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, num_warps=num_warps, num_stages=num_stages,
-        **launch_options(q, gdc),
+            alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
+        BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
     return (attn_grid, attn_args, attn_constexprs), reduce_launch

@@ -38,10 +38,9 @@ from .paged_attention import (
     check_scale,
     choose_num_splits,
     kernel_constexprs,
-    launch_options,
+    launch_constexprs,
     launch_planned,
     num_sms,
-    programmatic_launch,
     split_workspace,
     tile_config,
 )
@@ -174,10 +173,10 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
             max_query_len=1, num_sms=num_sms(q.device), fp8=fp8)
     # The reduction reads validity from seq_lens (padding sequences have length 0), so its
     # query_start_loc argument is a placeholder.
+    launch = launch_constexprs(q)
     scratch, reduce_launch = split_workspace(
         q, out, seq_lens, seq_lens, num_splits=num_splits, num_rows=num_seqs, tiles=num_seqs * kv_heads,
-        placeholder=k_scale, valid_from_seq_lens=True, kernel="store_and_decode")
-    gdc = programmatic_launch(q.device)
+        placeholder=k_scale, valid_from_seq_lens=True, launch=launch, kernel="store_and_decode")
     args = (
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
@@ -189,10 +188,9 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
             group=group, num_heads=num_heads, head_size=head_size, block_size=block_size, block_m=block_m,
             tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
             max_context=max_context, max_query_len=1, fp8=fp8, dot_fp32=interpret or q.dtype == torch.float32,
-            window=bool(sliding_window), alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap), gdc=gdc,
+            window=bool(sliding_window), alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap),
             kernel="store_and_decode"),
-        FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret, num_warps=num_warps, num_stages=num_stages,
-        **launch_options(q, gdc),
+        FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
 

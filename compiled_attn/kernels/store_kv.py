@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import _jit
-from .paged_attention import _wait_for_previous_kernel, launch_options, programmatic_launch
+from .paged_attention import _wait_for_previous_kernel, launch_constexprs
 
 FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 STORE_KV_NUM_WARPS = 4  # one token's [KVH, D] tile is at most a few KiB: 4 warps are plenty
@@ -72,7 +72,6 @@ def _store_kv_kernel(
 def _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale):
     """(grid, positional args, constexpr kwargs) of one store launch; shapes only, no data."""
     _, _, block_size, kv_heads, head_size = kv_cache.shape
-    gdc = programmatic_launch(k.device)
     args = (
         k, v, kv_cache, slot_mapping, k_scale, v_scale,
         *k.stride(), *v.stride(), *kv_cache.stride(),
@@ -81,7 +80,7 @@ def _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale):
         KV_HEADS=kv_heads, HEAD=head_size, KV_HEADS_PAD=_jit.next_power_of_2(kv_heads),
         HEAD_PAD=_jit.next_power_of_2(head_size), BLOCK_SIZE=block_size,
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, num_warps=STORE_KV_NUM_WARPS,
-        ROUND_FP8=_jit.interpreting() or k.device.type != "cuda", USE_GDC=gdc, **launch_options(k, gdc),
+        ROUND_FP8=_jit.interpreting() or k.device.type != "cuda", **launch_constexprs(k),
     )
     return (k.shape[0],), args, constexprs
 
