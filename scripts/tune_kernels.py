@@ -5,8 +5,8 @@
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
-``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
-``store-in-prefill`` (see ``SWEEPS``).
+``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``
+(see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT.
@@ -196,10 +196,6 @@ LAUNCH_NEXT_CASES = [("decode 1x4096", kv, "trtllm", [dict(launch_next(e), FUSED
 PDL_CHECK = [dict(PROGRAMMATIC_LAUNCH=False), {}] * 2
 PDL_CHECK_CASES = [(name, "fp8", "triton", PDL_CHECK) for name in DECODE_CASE_NAMES] + [
     ("decode 1x4096", kv, backend, PDL_CHECK) for kv, backend in (("bf16", "triton"), ("fp8", "trtllm"))]
-# --sweep store-in-prefill: prefill steps storing their K/V in the attention launch (new keys read from
-# k/v) against store_kv + attention, and the new-key loops one pipeline stage deeper, twice.
-STORE_IN_PREFILL = [dict(STORE_IN_PREFILL=False), {}, dict(NEW_KV_EXTRA_STAGES=1)] * 2
-STORE_IN_PREFILL_CASES = [(name, "bf16", "triton", STORE_IN_PREFILL) for name in PREFILL_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -207,7 +203,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "small-grid-stages": SMALL_GRID_STAGES_CASES, "one-loop": ONE_LOOP_CASES,
           "small-grid-merge": SMALL_GRID_MERGE_CASES, "prefill-lengths": PREFILL_LENGTHS_CASES, "pdl": PDL_CASES,
           "order-pdl": ORDER_PDL_CASES, "pdl-small-grid": PDL_SMALL_GRID_CASES,
-          "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES, "store-in-prefill": STORE_IN_PREFILL_CASES}
+          "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES}
 
 
 def all_cases() -> dict:

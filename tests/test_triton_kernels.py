@@ -296,8 +296,8 @@ def test_split_reduction_fused_and_launched(interpreter, monkeypatch, name, fuse
         assert counters is not None and not counters.any(), "every launch must leave its counters at zero"
 
 
-def _random_case(seed: int) -> tuple[Case, dict]:
-    """A random batch and feature mix: (case, batches)."""
+@pytest.mark.parametrize("seed", range(8))
+def test_paged_attention_random_batches(interpreter, seed):
     g = torch.Generator().manual_seed(1000 + seed)
     pick = lambda options: options[int(torch.randint(len(options), (1,), generator=g))]
     num_seqs = pick([1, 2, 3, 5])
@@ -309,77 +309,7 @@ def _random_case(seed: int) -> tuple[Case, dict]:
         dtype=pick([torch.float16, torch.float32]), fp8=pick([False, True]), window=pick([None, 4, 20]),
         alibi=pick([False, True]), soft_cap=pick([None, 5.0]), max_query_len=pick([None, max(query_lens)]),
         num_splits=pick([None, 1, 2, 3]), tile_n=pick([None, 16]))
-    return case, {"random": (query_lens, seq_lens)}
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_paged_attention_random_batches(interpreter, seed):
-    case, batches = _random_case(seed)
-    check_attention_case(case, seed=seed, batches=batches)
-
-
-@pytest.mark.parametrize("seed", range(8))
-def test_store_and_attend_random_batches(interpreter, monkeypatch, seed):
-    case, batches = _random_case(seed)
-    check_store_and_attend(case, monkeypatch, seed=seed, batches=batches)
-
-
-def check_store_and_attend(case: Case, monkeypatch, device="cpu", seed=0, batches=BATCHES) -> Paged:
-    """``store_and_attend`` leaves the cache store_kv would (bit for bit; fp8 within 1 ulp on a GPU;
-    unused blocks untouched) and writes the reference's attention over it; prefill-shaped steps
-    store in the attention launch (no store_kv call), the others call store_kv first."""
-    b = case.make(device, seed, batches)
-    m = b.meta
-    ref_cache = b.kv_cache.clone()
-    sk_mod.store_kv_reference(b.k, b.v, ref_cache, m.slot_mapping, b.k_scale, b.v_scale)
-    stored_ref = dataclasses.replace(b, kv_cache=ref_cache)
-    if device == "cpu":
-        ref = _attention(stored_ref, case, pa_mod.paged_attention_reference, None)
-    else:
-        ref = reference_chunked(stored_ref, **case.features())
-    # NaN in the poison slots: a kernel that reads an unused block or a slot past a sequence shows it.
-    cache = nan_poisoned(b.kv_cache)
-    expected_cache = cache.clone()
-    sk_mod.store_kv_reference(b.k, b.v, expected_cache, m.slot_mapping, b.k_scale, b.v_scale)
-    store_calls = []
-    real_store = sk_mod.store_kv
-    monkeypatch.setattr(sk_mod, "store_kv", lambda *a, **kw: store_calls.append(1) or real_store(*a, **kw))
-    out = torch.full_like(b.q, float("nan"))
-    pa_mod.store_and_attend(
-        b.q, b.k, b.v, cache, m.slot_mapping, m.query_start_loc, m.seq_lens, m.block_table, out,
-        max_query_len=m.max_query_len, alibi_slopes=b.alibi_slopes, k_scale=b.k_scale, v_scale=b.v_scale,
-        num_splits=case.num_splits, tile_n=case.tile_n, **case.features())
-    in_kernel = pa_mod.stores_in_kernel(max_query_len=m.max_query_len, num_splits=case.num_splits or 1, fp8=case.fp8)
-    assert store_calls == ([] if in_kernel else [1])
-    assert_cache_matches(cache, expected_cache, b.used_blocks, nan_poisoned(b.kv_cache))
-    n = b.num_real_tokens
-    assert not out.isnan().any(), "every row of out must be written"
-    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
-    assert torch.all(out[n:] == 0), "padding tokens must produce zeros"
-    return b
-
-
-@pytest.mark.parametrize("name", list(ATTENTION_CASES))
-def test_store_and_attend(interpreter, monkeypatch, name):
-    check_store_and_attend(ATTENTION_CASES[name], monkeypatch)
-
-
-def test_store_and_attend_stores_padding_slots(interpreter, monkeypatch):
-    """A padding token (past query_start_loc[-1]) with a slot is stored as store_kv would store it."""
-    case = ATTENTION_CASES["prefill_gqa2_fp32"]
-    b = case.make()
-    spare = int(torch.nonzero(~b.used_blocks)[0])
-    slots = b.meta.slot_mapping.clone()
-    slots[-1] = spare * case.block_size + 3
-    assert b.q.shape[0] > b.num_real_tokens, "the batch must have padding tokens"
-    batch = dataclasses.replace(b, meta=dataclasses.replace(b.meta, slot_mapping=slots))
-    expected = b.kv_cache.clone()
-    sk_mod.store_kv_reference(b.k, b.v, expected, slots, b.k_scale, b.v_scale)
-    m = batch.meta
-    out = torch.empty_like(b.q)
-    pa_mod.store_and_attend(b.q, b.k, b.v, b.kv_cache, slots, m.query_start_loc, m.seq_lens, m.block_table, out,
-                            max_query_len=m.max_query_len, k_scale=b.k_scale, v_scale=b.v_scale, **case.features())
-    assert same_bits(b.kv_cache, expected)
+    check_attention_case(case, seed=seed, batches={"random": (query_lens, seq_lens)})
 
 
 def test_interpreter_after_compiled_import(interpreter):
@@ -833,17 +763,6 @@ def test_gpu_store_and_attention(compiled, name):
     assert not out.isnan().any()
     assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
     assert torch.all(out[n:] == 0)
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("name", [n for n, (_, c) in GPU_CASES.items()
-                                  if not c.fp8 and (c.max_query_len is None or c.max_query_len > 8)])
-def test_gpu_store_in_prefill(compiled, monkeypatch, name):
-    """Prefill-shaped steps store their K/V in the attention launch and read the new keys from k/v."""
-    batch_name, case = GPU_CASES[name]
-    check_store_and_attend(dataclasses.replace(case, batch=batch_name), monkeypatch, device="cuda", seed=len(name),
-                           batches=GPU_BATCHES)
 
 
 @gpu

@@ -1,6 +1,5 @@
 """``triton``: our Triton kernels (``compiled_attn.kernels``): store_kv, then one unified
-paged-attention launch for the whole mixed batch (plus a split-KV reduction for decode buckets);
-prefill-shaped steps store their K/V in the attention launch itself.
+paged-attention launch for the whole mixed batch (plus a split-KV reduction for decode buckets).
 
 Importing this module does not import Triton; the kernels load on first use. On CPU the backend
 runs only under the Triton interpreter (``TRITON_INTERPRET=1``, for tests) and is never chosen
@@ -64,10 +63,12 @@ class TritonBackend(AttentionBackend):
                 k_scale, v_scale) -> None:
         if q.device.type == "cpu" and not _interpreting():
             raise RuntimeError(f"backend 'triton' on CPU {_NOT_INTERPRETING}")
-        from ..kernels.paged_attention import store_and_attend
+        from ..kernels.paged_attention import paged_attention
+        from ..kernels.store_kv import store_kv
 
-        store_and_attend(
-            q, k, v, kv_cache, meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_table, out,
+        store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
+        paged_attention(
+            q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_table, out,
             max_query_len=meta.max_query_len, scale=scale, sliding_window=sliding_window,
             logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
         )

@@ -112,8 +112,7 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
                            heads: int = 32, block_size: int = 16, max_context: int = 4096) -> Launch:
     """The unified kernel for a decode bucket (one query a sequence, ``num_splits`` splits,
     default 4) or a long prefill bucket, with the package's tile choices (``hopper``: sm_90;
-    ``max_context``: what the block table addresses), storing the step's K/V where the backend's
-    launch would (``paged_attention.stores_in_kernel``)."""
+    ``max_context``: what the block table addresses)."""
     max_query_len = 1 if decode else 2048
     block_m, block_q, tile_n, warps, stages = pa.tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=False,
@@ -123,9 +122,8 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=splits,
                     fused_reduce=1 < splits <= pa.fused_max_splits("paged_attention"), max_context=max_context,
-                    max_query_len=max_query_len, fp8=fp8,
-                    store_new_kv=pa.stores_in_kernel(max_query_len=max_query_len, num_splits=splits, fp8=fp8)),
-        BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST, NEW_KV_STAGES=pa.new_kv_stages(stages))
+                    max_query_len=max_query_len, fp8=fp8),
+        BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST)
     return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 

@@ -94,14 +94,6 @@ LONGEST_FIRST = True  # query blocks run from a sequence's end (the longest) to 
 # them in one pipelined loop (see _attend_range): batch-1 decode 15.7 -> 14.6 us (bf16), 15.1 ->
 # 14.0 (fp8); long splits are 3-9% slower in one loop (tune_h100.json "one_key_loop"). 0: never.
 ONE_LOOP_MAX_TILES = 4
-# Prefill-shaped launches (one split, max_query_len > SPLIT_MAX_QUERY_LEN) given the step's k/v: the
-# kernel reads each sequence's new keys from k/v, not the cache, and stores every block's own K/V
-# itself, so the separate store launch goes (caches of the inputs' dtype; fp8 caches keep it, their
-# keys must be read back quantised).
-STORE_IN_PREFILL = True
-# Pipeline depth of the loops over those new keys, against the kernel's num_stages (whose cache
-# loops spend one stage on the block-table load): 0 buffers as many K/V tiles as the cache loops.
-NEW_KV_EXTRA_STAGES = 0
 # Programmatic dependent launch (sm_90+): a kernel is launched while the one before it on the stream
 # finishes, and its programs wait (griddepcontrol.wait) before their first memory access, so the
 # launch latency between kernels overlaps work, in CUDA graphs too (see programmatic_launch).
@@ -166,14 +158,15 @@ def _attend_tile(
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
     MASKED: tl.constexpr, RUNTIME_MASK: tl.constexpr,
 ):
-    """One online-softmax step over the cached keys ``[tile * TILE_N, (tile + 1) * TILE_N) ∩ [0, key_end)``.
+    """One online-softmax step over keys ``[tile * TILE_N, (tile + 1) * TILE_N) ∩ [0, key_end)``.
 
-    ``MASKED=False`` is for tiles every row sees whole (below the causal diagonal, inside the
-    sequence, no window): no bounds on the loads and no visibility mask, which keeps the softmax's
-    ALU work to the minimum. Rows outside the tile's queries then carry finite junk that is never
-    stored. ``RUNTIME_MASK`` (with ``MASKED=False``): any tile of the range; key rows past
-    ``key_end`` re-read key ``key_end - 1`` (in bounds, no load masks) and the visibility mask
-    applies only from tile ``mask_from`` on, under a branch, so one loop serves both kinds of tile.
+    Scores and the running max ``m_i`` are in log2 units (``exp2`` only). ``MASKED=False`` is for
+    tiles every row sees whole (below the causal diagonal, inside the sequence, no window): no
+    bounds on the loads and no visibility mask, which keeps the softmax's ALU work to the minimum.
+    Rows outside the tile's queries then carry finite junk that is never stored.
+    ``RUNTIME_MASK`` (with ``MASKED=False``): any tile of the range; key rows past ``key_end``
+    re-read key ``key_end - 1`` (in bounds, no load masks) and the visibility mask applies only
+    from tile ``mask_from`` on, under a branch, so one loop serves both kinds of tile.
     """
     offs_n = tile * TILE_N + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -198,54 +191,6 @@ def _attend_tile(
     else:
         k = tl.load(cache_ptr + kv_off, mask=d_ok[None, :], other=0.0)
         v = tl.load(cache_ptr + s_ckv + kv_off, mask=d_ok[None, :], other=0.0)
-    apply_mask = MASKED
-    if RUNTIME_MASK:
-        apply_mask = tile >= mask_from
-    return _softmax_step(acc, m_i, l_i, q, k, v, offs_n, key_end, q_pos, row_valid, slopes, qk_scale, window,
-                         softcap, apply_mask, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32)
-
-
-@triton.jit
-def _attend_new_tile(
-    acc, m_i, l_i, q, k_ptr, v_ptr, tok_base, context, kvh, tile, key_end, q_pos, row_valid, slopes,
-    qk_scale, window, softcap, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
-    HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, TILE_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """:func:`_attend_tile` over the step's own new keys, read from ``k``/``v`` (rows ``tok_base +
-    tile * TILE_N + j`` of the flattened batch, absolute positions ``context + tile * TILE_N + j``)
-    instead of the cache: no block-table lookups, and the cache need not hold them yet."""
-    rel = tile * TILE_N + tl.arange(0, TILE_N)
-    offs_n = context + rel
-    offs_d = tl.arange(0, HEAD_PAD)
-    d_ok = offs_d < HEAD
-    rows = tok_base + rel.to(tl.int64)
-    k_off = rows[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd
-    v_off = rows[:, None] * s_vt + kvh * s_vh + offs_d[None, :] * s_vd
-    if MASKED:  # rows past key_end belong to the next sequence (or past the batch): never read them
-        kv_mask = (offs_n < key_end)[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + k_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + v_off, mask=kv_mask, other=0.0)
-    elif HEAD == HEAD_PAD:
-        k = tl.load(k_ptr + k_off)
-        v = tl.load(v_ptr + v_off)
-    else:
-        k = tl.load(k_ptr + k_off, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_ptr + v_off, mask=d_ok[None, :], other=0.0)
-    return _softmax_step(acc, m_i, l_i, q, k, v, offs_n, key_end, q_pos, row_valid, slopes, qk_scale, window,
-                         softcap, MASKED, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32)
-
-
-@triton.jit
-def _softmax_step(
-    acc, m_i, l_i, q, k, v, offs_n, key_end, q_pos, row_valid, slopes, qk_scale, window, softcap, apply_mask,
-    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-):
-    """Scores of q against one K tile (keys at absolute positions ``offs_n``), the online-softmax
-    update and the V accumulation. Scores and the running max ``m_i`` are in log2 units (``exp2``
-    only). ``apply_mask``: a constexpr (tiles that need the visibility mask or not) or a runtime
-    condition (one-loop splits)."""
     if DOT_FP32:
         s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -262,8 +207,11 @@ def _softmax_step(
     elif USE_ALIBI:
         s = s * c + (slopes * LOG2E)[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
         c = 1.0
-    if apply_mask:
+    if MASKED:
         s = _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW)
+    if RUNTIME_MASK:
+        if tile >= mask_from:
+            s = _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW)
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
     p = tl.exp2(s * c - m_safe[:, None])
@@ -343,57 +291,6 @@ def _attend_range(
                 HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True, False,
             )
     return acc, m_i, l_i
-
-
-@triton.jit
-def _attend_new_range(
-    acc, m_i, l_i, q, k_ptr, v_ptr, tok_base, context, kvh, first_tile, last_tile, first_query, key_end, q_pos,
-    row_valid, slopes, qk_scale, window, softcap, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
-    HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, TILE_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    STAGES: tl.constexpr,
-):
-    """The step's new keys, tiles ``[first_tile, last_tile)`` counted from the sequence's first new
-    token (see :func:`_attend_new_tile`): mask-free tiles, then masked ones, as :func:`_attend_range`.
-    ``first_query``: the block's first query, counted the same way. ``STAGES``: the loops' pipeline
-    depth (no block-table load takes a stage here, so the kernel's depth would buffer one more tile)."""
-    mid_tile = _unmasked_tiles_end(first_tile, last_tile, first_query, TILE_N, USE_WINDOW)
-    for tile in tl.range(first_tile, mid_tile, num_stages=STAGES):
-        acc, m_i, l_i = _attend_new_tile(
-            acc, m_i, l_i, q, k_ptr, v_ptr, tok_base, context, kvh, tile, key_end, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
-            HEAD, HEAD_PAD, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
-        )
-    for tile in tl.range(mid_tile, last_tile, num_stages=STAGES):
-        acc, m_i, l_i = _attend_new_tile(
-            acc, m_i, l_i, q, k_ptr, v_ptr, tok_base, context, kvh, tile, key_end, q_pos, row_valid, slopes,
-            qk_scale, window, softcap, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
-            HEAD, HEAD_PAD, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True,
-        )
-    return acc, m_i, l_i
-
-
-@triton.jit
-def _store_new_kv(k_ptr, v_ptr, cache_ptr, slot_ptr, first_tok, count, lo, hi, kvh,
-                  s_kt, s_kh, s_kd, s_vt, s_vh, s_vd, s_ckv, s_cb, s_cs, s_ch, s_cd,
-                  HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_Q: tl.constexpr,
-                  BLOCK_M: tl.constexpr):
-    """K/V of tokens ``first_tok + r`` (``r < count``, token in ``[lo, hi)``), KV head ``kvh``, into
-    the cache at their slots (-1: none), as store_kv writes them (caches of the inputs' dtype)."""
-    if (BLOCK_Q & (BLOCK_Q - 1)) == 0:
-        r = tl.arange(0, BLOCK_Q)
-    else:  # a group that is not a power of two: BLOCK_M rows hold the block's tokens
-        r = tl.arange(0, BLOCK_M)
-    rows = first_tok.to(tl.int64) + r
-    ok = (r < BLOCK_Q) & (r < count) & (rows >= lo) & (rows < hi)
-    offs_d = tl.arange(0, HEAD_PAD)
-    slot = tl.load(slot_ptr + rows, mask=ok, other=-1).to(tl.int64)
-    mask = (ok & (slot >= 0))[:, None] & (offs_d < HEAD)[None, :]
-    k = tl.load(k_ptr + rows[:, None] * s_kt + kvh * s_kh + offs_d[None, :] * s_kd, mask=mask)
-    v = tl.load(v_ptr + rows[:, None] * s_vt + kvh * s_vh + offs_d[None, :] * s_vd, mask=mask)
-    dst = cache_ptr + ((slot // BLOCK_SIZE) * s_cb + (slot % BLOCK_SIZE) * s_cs)[:, None] + kvh * s_ch + offs_d[None, :] * s_cd
-    tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(dst + s_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -507,15 +404,15 @@ def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q: tl.constexpr):
 @triton.jit
 def _paged_attention_kernel(
     q_ptr, out_ptr, cache_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
-    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, k_ptr, v_ptr, slot_ptr,
+    k_scale_ptr, v_scale_ptr, slopes_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr,
     num_seqs, num_tokens, scale, window, softcap,
-    s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_ckv, s_cb, s_cs, s_ch, s_cd, s_bt, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
+    s_qt, s_qh, s_qd, s_ot, s_oh, s_od, s_ckv, s_cb, s_cs, s_ch, s_cd, s_bt,
     G: tl.constexpr, NUM_HEADS: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, TILE_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
     MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr, ONE_KEY_LOOP: tl.constexpr, USE_GDC: tl.constexpr,
-    EARLY_LAUNCH_NEXT: tl.constexpr, STORE_NEW_KV: tl.constexpr, NEW_KV_STAGES: tl.constexpr,
+    EARLY_LAUNCH_NEXT: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_GDC, EARLY_LAUNCH_NEXT)
     q_block = tl.program_id(0)
@@ -538,10 +435,6 @@ def _paged_attention_kernel(
         dst = out_ptr + tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
         zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
         tl.store(dst, zeros, mask=pad[:, None] & (offs_d < HEAD)[None, :])
-        if STORE_NEW_KV:  # padding tokens with a slot are stored too, as store_kv would
-            _store_new_kv(k_ptr, v_ptr, cache_ptr, slot_ptr, q_block * BLOCK_Q, BLOCK_Q,
-                          tl.load(query_start_loc_ptr + num_seqs), num_tokens, kvh, s_kt, s_kh, s_kd, s_vt, s_vh,
-                          s_vd, s_ckv, s_cb, s_cs, s_ch, s_cd, HEAD, HEAD_PAD, BLOCK_SIZE, BLOCK_Q, BLOCK_M)
 
     seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -572,25 +465,11 @@ def _paged_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     bt_row_ptr = block_table_ptr + seq.to(tl.int64) * s_bt
-    if STORE_NEW_KV:  # the cached prefix from the cache, the step's own keys from k/v (one split)
-        cached_end = tl.where(key_start < context, tl.cdiv(context, TILE_N), first_tile)
-        acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, cached_end, context - 1, context,
-            q_pos, row_valid, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False,
-        )
-        acc, m_i, l_i = _attend_new_range(
-            acc, m_i, l_i, q, k_ptr, v_ptr, q_start.to(tl.int64), context, kvh,
-            tl.maximum(key_start - context, 0) // TILE_N, tl.cdiv(key_end - context, TILE_N), local * BLOCK_Q,
-            key_end, q_pos, row_valid, slopes, qk_scale, window, softcap, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
-            HEAD, HEAD_PAD, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, NEW_KV_STAGES,
-        )
-    else:
-        acc, m_i, l_i = _attend_range(
-            acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, context + local * BLOCK_Q, key_end,
-            q_pos, row_valid, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
-            HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
-        )
+    acc, m_i, l_i = _attend_range(
+        acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, context + local * BLOCK_Q, key_end,
+        q_pos, row_valid, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+        HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
+    )
     if not EARLY_LAUNCH_NEXT:
         _launch_next_kernel(USE_GDC)
     if IS_FP8:
@@ -600,10 +479,6 @@ def _paged_attention_kernel(
         tok, head, row_valid, split, num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
         FUSED_REDUCE, BLOCK_M, MERGE_CHUNK,
     )
-    if STORE_NEW_KV:  # this block's own tokens into the cache (no program of this launch reads them there)
-        _store_new_kv(k_ptr, v_ptr, cache_ptr, slot_ptr, q_start + local * BLOCK_Q, q_len - local * BLOCK_Q, 0,
-                      num_tokens, kvh, s_kt, s_kh, s_kd, s_vt, s_vh, s_vd, s_ckv, s_cb, s_cs, s_ch, s_cd,
-                      HEAD, HEAD_PAD, BLOCK_SIZE, BLOCK_Q, BLOCK_M)
 
 
 @triton.jit
@@ -665,26 +540,15 @@ def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_le
     return max_query_len <= SPLIT_MAX_QUERY_LEN and tiles_per_split <= ONE_LOOP_MAX_TILES
 
 
-def stores_in_kernel(*, max_query_len: int, num_splits: int, fp8: bool) -> bool:
-    """Whether a launch given the step's k/v stores them itself (``STORE_IN_PREFILL``)."""
-    return STORE_IN_PREFILL and max_query_len > SPLIT_MAX_QUERY_LEN and num_splits == 1 and not fp8
-
-
-def new_kv_stages(num_stages: int) -> int:
-    """Pipeline depth of the loops over the step's own keys (:func:`_attend_new_range`)."""
-    return max(1, num_stages - 1 + NEW_KV_EXTRA_STAGES)
-
-
 def kernel_constexprs(
     *, group: int, num_heads: int, head_size: int, block_size: int, block_m: int, tile_n: int, num_splits: int,
     fused_reduce: bool, max_context: int, max_query_len: int, fp8: bool, dot_fp32: bool, window: bool = False,
-    alibi: bool = False, softcap: bool = False, kernel: str = "paged_attention", store_new_kv: bool = False,
+    alibi: bool = False, softcap: bool = False, kernel: str = "paged_attention",
 ) -> dict:
     """The constexprs both attention kernels take, from static shapes (this module's constants read
     now). Their launch plans and the ahead-of-time builds (``_aot``) all derive them here; ``USE_GDC``
     comes with the launch (:func:`launch_constexprs`). ``kernel``: ``"paged_attention"`` or
     ``"store_and_decode"``."""
-    unified = {"STORE_NEW_KV": store_new_kv} if kernel == "paged_attention" else {}
     return dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=_jit.next_power_of_2(head_size),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=fused_reduce,
@@ -692,7 +556,7 @@ def kernel_constexprs(
         FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m),
         ONE_KEY_LOOP=one_key_loop(max_context=max_context, tile_n=tile_n, num_splits=num_splits,
                                   max_query_len=max_query_len),
-        EARLY_LAUNCH_NEXT=EARLY_LAUNCH_NEXT[kernel], **unified,
+        EARLY_LAUNCH_NEXT=EARLY_LAUNCH_NEXT[kernel],
     )
 
 
@@ -860,9 +724,8 @@ def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_r
 
 
 def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, max_query_len, scale,
-                 sliding_window, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n, new_kv=None):
-    """Grids, arguments and scratch buffers of the attention (+ reduction) launches, and whether the
-    attention launch stores ``new_kv`` = (k, v, slot_mapping) itself (:func:`stores_in_kernel`)."""
+                 sliding_window, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n):
+    """Grids, arguments and scratch buffers of the attention (+ reduction) launches."""
     check_scale(scale)
     num_tokens, num_heads, head_size = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
@@ -882,17 +745,15 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         num_splits = choose_num_splits(
             num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=max_context,
             max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=fp8)
-    store_new_kv = new_kv is not None and stores_in_kernel(max_query_len=max_query_len, num_splits=num_splits, fp8=fp8)
-    k, v, slots = new_kv if store_new_kv else (q, q, seq_lens)  # placeholders: never read
     launch = launch_constexprs(q)
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,
         placeholder=k_scale, valid_from_seq_lens=False, launch=launch)
     attn_args = (
         q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
-        alibi_slopes if alibi_slopes is not None else k_scale, *scratch, k, v, slots,
+        alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
         num_seqs, num_tokens, float(scale), int(sliding_window or 0), float(logits_soft_cap or 0.0),
-        *q.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0), *k.stride(), *v.stride(),
+        *q.stride(), *out.stride(), *kv_cache.stride(), block_table.stride(0),
     )
     attn_constexprs = dict(
         kernel_constexprs(
@@ -900,12 +761,11 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
             tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
             max_context=max_context, max_query_len=max_query_len, fp8=fp8,
             dot_fp32=interpret or q.dtype == torch.float32, window=bool(sliding_window),
-            alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap), store_new_kv=store_new_kv),
-        BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, NEW_KV_STAGES=new_kv_stages(num_stages), num_warps=num_warps,
-        num_stages=num_stages, **launch,
+            alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
+        BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     attn_grid = (num_q_blocks, kv_heads, num_splits)
-    return (attn_grid, attn_args, attn_constexprs), reduce_launch, store_new_kv
+    return (attn_grid, attn_args, attn_constexprs), reduce_launch
 
 
 def launch_planned(kernel, attn, reduce, wrap=None) -> None:
@@ -957,56 +817,10 @@ def paged_attention(
     check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return out.zero_()
-    attn, reduce, _ = _launch_plan(
+    attn, reduce = _launch_plan(
         q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
         k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=tile_n)
-    with _jit.launching(globals()):
-        launch_planned(_paged_attention_kernel, attn, reduce)
-    return out
-
-
-def store_and_attend(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_table: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    max_query_len: int,
-    scale: float,
-    sliding_window: int | None = None,
-    logits_soft_cap: float | None = None,
-    alibi_slopes: torch.Tensor | None = None,
-    k_scale: torch.Tensor,
-    v_scale: torch.Tensor,
-    num_splits: int | None = None,
-    tile_n: int | None = None,
-) -> torch.Tensor:
-    """``store_kv`` of the step's ``k``/``v`` ``[T, KVH, D]`` at ``slot_mapping``, then
-    :func:`paged_attention`: the same result and cache. Prefill-shaped steps
-    (:func:`stores_in_kernel`) take one launch: each sequence's new keys come from ``k``/``v``,
-    its cached prefix from the cache, and every query block stores its own tokens' K/V."""
-    from .store_kv import check_store_args, store_kv
-
-    check_store_args(k, v, kv_cache, slot_mapping)
-    check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
-    if slot_mapping.shape[0] != q.shape[0]:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} tokens, q has {q.shape[0]}")
-    stored = False
-    if q.shape[0] and seq_lens.shape[0]:
-        attn, reduce, stored = _launch_plan(
-            q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
-            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
-            k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=tile_n, new_kv=(k, v, slot_mapping))
-    if not stored:
-        store_kv(k, v, kv_cache, slot_mapping, k_scale, v_scale)
-    if not (q.shape[0] and seq_lens.shape[0]):
-        return out.zero_()
     with _jit.launching(globals()):
         launch_planned(_paged_attention_kernel, attn, reduce)
     return out
@@ -1069,7 +883,7 @@ def triton_paged_attention(
             sliding_window, logits_soft_cap, max_query_len, num_splits)
         return
     _jit.refresh(globals())
-    attn, reduce, _ = _launch_plan(
+    attn, reduce = _launch_plan(
         q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
         k_scale=k_scale, v_scale=v_scale, num_splits=num_splits, tile_n=None)
