@@ -86,6 +86,14 @@ class Workload:
     scales: tuple[torch.Tensor, torch.Tensor]
 
 
+def default_layout(spec: AttentionSpec, *, device: str, dtype: torch.dtype, block_size: int) -> str:
+    """The cache memory order (``cache.LAYOUTS``) that the backend ``"auto"`` picks on ``device``
+    allocates: the benchmark's workloads are built in it (fp8: head-major for our kernels)."""
+    from .backends import select_backend
+
+    return select_backend(spec, name="auto", device=device, dtype=dtype, block_size=block_size).kv_cache_layout(spec)
+
+
 def build_workload(case: Case, spec: AttentionSpec, *, block_size: int, dtype: torch.dtype, device: str,
                    seed: int = 0, contiguous_pages: bool = False, head_major_pages: bool = False) -> Workload:
     g = torch.Generator(device=device).manual_seed(seed)
@@ -253,8 +261,10 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
         for kv_label, spec in spec_variants:
             if kv_label == "fp8" and case.kind != "decode":
                 continue
+            layout = default_layout(spec, device=device, dtype=dtype, block_size=block_size)
             try:
-                workload = build_workload(case, spec, block_size=block_size, dtype=dtype, device=device)
+                workload = build_workload(case, spec, block_size=block_size, dtype=dtype, device=device,
+                                          head_major_pages=layout == "head_major")
             except torch.OutOfMemoryError as err:
                 results.append({"case": case.name, "kv": kv_label, "error": f"workload: {err}"})
                 continue
@@ -266,7 +276,7 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
                         continue
                 elif kv_label == "fp8":
                     continue
-                row = {"case": case.name, "kind": case.kind, "kv": kv_label, "contender": name}
+                row = {"case": case.name, "kind": case.kind, "kv": kv_label, "layout": layout, "contender": name}
                 try:
                     us = time_graph(make(workload), len(workload.metas))
                 except Exception as err:  # a peer that cannot take the shape is reported, not fatal

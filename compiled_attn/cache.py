@@ -1,10 +1,13 @@
 """PagedKVCache: the block pool every backend reads and writes, and its allocator.
 
-One canonical layout for every backend, per layer::
+One canonical shape for every backend, per layer::
 
     kv_cache[l] : [2, num_blocks, block_size, num_kv_heads, head_size]   (0 = K, 1 = V)
 
-so switching backends never copies the cache.
+so switching backends never copies the cache. Its memory order is ``"token_major"`` (contiguous,
+a token's heads side by side) or ``"head_major"`` (each head's page of ``block_size`` tokens in
+one piece, memory ``[2, num_blocks, num_kv_heads, block_size, head_size]``, seen through strides
+as the same shape); a backend names the one it reads fastest (``kv_cache_layout``).
 """
 
 from __future__ import annotations
@@ -14,6 +17,15 @@ from collections.abc import Sequence
 import torch
 
 from .spec import AttentionSpec
+
+
+LAYOUTS = ("token_major", "head_major")
+
+
+def cache_layout(kv_cache: torch.Tensor) -> str:
+    """``"head_major"`` when a ``[2, num_blocks, block_size, kv_heads, head_size]`` cache keeps each
+    head's page in one piece (heads outside tokens in memory), else ``"token_major"``."""
+    return "head_major" if kv_cache.shape[3] > 1 and kv_cache.stride(3) > kv_cache.stride(2) else "token_major"
 
 
 class CacheFullError(RuntimeError):
@@ -90,15 +102,23 @@ class PagedKVCache:
         device: torch.device | str = "cpu",
         *,
         shuffle_seed: int | None = None,
+        layout: str = "token_major",
     ) -> None:
         if block_size <= 0 or num_blocks <= 0 or num_layers <= 0:
             raise ValueError("num_layers, num_blocks and block_size must be positive")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
         self.spec = spec
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.dtype = spec.cache_dtype(dtype)
-        shape = (num_layers, 2, num_blocks, block_size, spec.num_kv_heads, spec.head_size)
-        self.kv = torch.zeros(shape, dtype=self.dtype, device=device)
+        self.layout = layout
+        heads, size = spec.num_kv_heads, spec.head_size
+        if layout == "head_major":
+            memory = torch.zeros(num_layers, 2, num_blocks, heads, block_size, size, dtype=self.dtype, device=device)
+            self.kv = memory.transpose(3, 4)
+        else:
+            self.kv = torch.zeros(num_layers, 2, num_blocks, block_size, heads, size, dtype=self.dtype, device=device)
         self.allocator = BlockAllocator(num_blocks, shuffle_seed=shuffle_seed)
 
     @property

@@ -91,9 +91,11 @@ class Attention(nn.Module):
         if kv_cache.dim() != 5 or kv_cache.shape[0] != 2 or kv_cache.shape[3:] != (s.num_kv_heads, s.head_size):
             raise ValueError(f"kv_cache must be [2, num_blocks, block_size, {s.num_kv_heads}, {s.head_size}], "
                              f"got {tuple(kv_cache.shape)}")
-        if not kv_cache.is_contiguous():  # stores write through it: a .contiguous() copy would lose them
-            raise ValueError(f"kv_cache must be contiguous in that layout (strides {kv_cache.stride()}); allocate "
-                             "it as one tensor (as PagedKVCache does) or index a per-layer stack along its first dim")
+        # Stores write through it (a .contiguous() copy would lose them): one of the two dense memory orders.
+        if not (kv_cache.is_contiguous() or kv_cache.transpose(2, 3).is_contiguous()):
+            raise ValueError(f"kv_cache must be contiguous in that layout or head-major (memory [2, num_blocks, "
+                             f"kv_heads, block_size, head_size]; strides {kv_cache.stride()}); allocate it as one tensor "
+                             "(as PagedKVCache does) or index a per-layer stack along its first dim")
         if kv_cache.dtype != s.cache_dtype(q.dtype):
             raise ValueError(f"kv_cache dtype {kv_cache.dtype} does not match the layer's "
                              f"kv_cache_dtype={s.kv_cache_dtype!r} for {q.dtype} queries (expected {s.cache_dtype(q.dtype)})")

@@ -5,13 +5,14 @@
 The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default), ``fused``,
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
-``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``
-(see ``SWEEPS``).
+``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
+``fp8-decode`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
-``--head-major-pages`` holds the cache head-major in memory (see ``bench.build_workload``).
+the cache is in the memory order the package allocates for it (``bench.default_layout``: fp8
+head-major), or as ``--head-major-pages`` / ``--token-major-pages`` say (see ``bench.build_workload``).
 
 Each configuration patches the module constants of compiled_attn.kernels.paged_attention (they
 are read at launch), then times the backend exactly as ``compiled-attn bench`` does.
@@ -196,6 +197,9 @@ LAUNCH_NEXT_CASES = [("decode 1x4096", kv, "trtllm", [dict(launch_next(e), FUSED
 PDL_CHECK = [dict(PROGRAMMATIC_LAUNCH=False), {}] * 2
 PDL_CHECK_CASES = [(name, "fp8", "triton", PDL_CHECK) for name in DECODE_CASE_NAMES] + [
     ("decode 1x4096", kv, backend, PDL_CHECK) for kv, backend in (("bf16", "triton"), ("fp8", "trtllm"))]
+# --sweep fp8-decode: every decode case with an fp8 cache, as the package runs it (an A/B of cache memory
+# orders: run it with --token-major-pages and without, alternately).
+FP8_DECODE_CASES = [(name, "fp8", "trtllm", [{}]) for name in DECODE_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -203,7 +207,8 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "small-grid-stages": SMALL_GRID_STAGES_CASES, "one-loop": ONE_LOOP_CASES,
           "small-grid-merge": SMALL_GRID_MERGE_CASES, "prefill-lengths": PREFILL_LENGTHS_CASES, "pdl": PDL_CASES,
           "order-pdl": ORDER_PDL_CASES, "pdl-small-grid": PDL_SMALL_GRID_CASES,
-          "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES}
+          "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES,
+          "fp8-decode": FP8_DECODE_CASES}
 
 
 def all_cases() -> dict:
@@ -256,8 +261,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=300)
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default="tiles")
     parser.add_argument("--contiguous-pages", action="store_true", help="pages in order (see bench.build_workload)")
-    parser.add_argument("--head-major-pages", action="store_true",
-                        help="cache memory [2, blocks, kv_heads, block_size, D] (see bench.build_workload)")
+    pages = parser.add_mutually_exclusive_group()
+    pages.add_argument("--head-major-pages", action="store_true",
+                       help="cache memory [2, blocks, kv_heads, block_size, D] (see bench.build_workload)")
+    pages.add_argument("--token-major-pages", action="store_true", help="cache memory [2, blocks, block_size, kv_heads, D]")
     parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
@@ -269,9 +276,10 @@ def main() -> None:
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.bench_spec(kv)
+        layout = bench.default_layout(spec, device="cuda", dtype=torch.bfloat16, block_size=16)
+        head_major = args.head_major_pages or (layout == "head_major" and not args.token_major_pages)
         workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda",
-                                        contiguous_pages=args.contiguous_pages,
-                                        head_major_pages=args.head_major_pages)
+                                        contiguous_pages=args.contiguous_pages, head_major_pages=head_major)
         configs = configurations(sweep)
         defaults = {k: getattr(pa, k) for config in configs for k in config}
         for config in configs:
@@ -281,7 +289,7 @@ def main() -> None:
             row = {"case": name, "kv": kv, "backend": backend, **config}
             if args.contiguous_pages:
                 row["pages"] = "contiguous"
-            if args.head_major_pages:
+            if head_major:
                 row["layout"] = "head-major"
             try:
                 row["us"] = bench.time_graph(bench.backend_contender(backend)(workload), len(workload.metas))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import compiled_attn as ca
 from compiled_attn import ops
 from compiled_attn.backends import BACKENDS
+from compiled_attn.cache import cache_layout
 from batches import ALIBI4, BATCH_SPECS, POISON, TOLERANCE, make_batch, rel_error, textbook_attention
 
 LAYERS = {
@@ -94,6 +97,30 @@ def test_backend_matches_reference(backend, spec_name, layer_name, dtype):
     assert torch.equal(cache.view(torch.uint8), ref_cache.view(torch.uint8)), "cache must equal the reference bit for bit"
     unused = ~batch.used_blocks
     assert torch.all(cache[:, unused].float() == POISON), "unused blocks must stay untouched"
+
+
+@pytest.mark.parametrize("layer_name", ["gqa4_d32", "window", "fp8_kv"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_head_major_cache_gives_the_same_bits(backend, layer_name):
+    """A head-major cache (each head's page in one piece: ``PagedKVCache(layout="head_major")``) is
+    the same cache through other strides: a backend that reads it returns the token-major cache's
+    results and writes the same bytes, bit for bit; one that cannot refuses it by name."""
+    layer = LAYERS[layer_name]
+    if BACKENDS[backend].supports(layer, device="cpu", dtype=torch.float32, block_size=16) is not None:
+        head_major = torch.zeros(2, 4, 16, 2, 32).transpose(2, 3).contiguous().transpose(2, 3)
+        reason = BACKENDS[backend].call_reason(head_major, sliding_window=None, logits_soft_cap=None, alibi_slopes=None)
+        assert (reason is None) == BACKENDS[backend].reads_head_major
+        if reason is not None:
+            assert "token-major" in reason and "layout='token_major'" in reason
+        return
+    batch = _batch("mixed", layer)
+    out, cache = run_backend(backend, batch)
+    head_major = dataclasses.replace(batch, kv_cache=batch.kv_cache.transpose(2, 3).contiguous().transpose(2, 3))
+    assert cache_layout(head_major.kv_cache) == "head_major"
+    hm_out, hm_cache = run_backend(backend, head_major)
+    assert cache_layout(hm_cache) == "head_major"
+    assert torch.equal(hm_out, out)
+    assert torch.equal(hm_cache.contiguous().view(torch.uint8), cache.view(torch.uint8))
 
 
 def test_store_writes_only_given_slots():

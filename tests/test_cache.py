@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from compiled_attn import AttentionSpec, BlockAllocator, CacheFullError, PagedKVCache
+from compiled_attn.cache import cache_layout
 
 SPEC = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32)
 
@@ -44,6 +45,42 @@ def test_cache_layout_and_copy_blocks():
     cache.copy_blocks([(0, 3), (1, 4)])
     assert torch.equal(cache.kv[:, :, 3], before[:, :, 0]) and torch.equal(cache.kv[:, :, 4], before[:, :, 1])
     assert torch.equal(cache.kv[:, :, :3], before[:, :, :3])
+
+
+def test_head_major_layout():
+    """Same shape and block operations; in memory each head's page of block_size tokens is one piece."""
+    token = PagedKVCache(num_layers=2, num_blocks=5, block_size=4, spec=SPEC, dtype=torch.float32)
+    head = PagedKVCache(num_layers=2, num_blocks=5, block_size=4, spec=SPEC, dtype=torch.float32, layout="head_major")
+    assert head.layer(0).shape == token.layer(0).shape and head.layout == "head_major"
+    assert cache_layout(head.layer(1)) == "head_major" and cache_layout(token.layer(1)) == "token_major"
+    assert head.kv.transpose(3, 4).is_contiguous()
+    token.kv.normal_(generator=torch.Generator().manual_seed(0))
+    head.kv.copy_(token.kv)
+    for cache in (token, head):
+        cache.copy_blocks([(0, 3), (1, 4)])
+    assert torch.equal(head.kv, token.kv)
+    with pytest.raises(ValueError, match="layout must be one of token_major, head_major"):
+        PagedKVCache(num_layers=1, num_blocks=2, block_size=4, spec=SPEC, layout="NHD")
+
+
+def test_model_cache_follows_its_backend(monkeypatch):
+    """new_cache allocates the memory order the model's attention backend reads fastest."""
+    from compiled_attn.backends import BACKENDS
+    from compiled_attn.models import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM.random(LlamaConfig.preset("tiny"), seed=0, backend="reference", device="cpu")
+    assert model.new_cache(num_blocks=4).layout == "token_major"
+    monkeypatch.setattr(BACKENDS["reference"], "kv_cache_layout", classmethod(lambda cls, spec: "head_major"))
+    assert cache_layout(model.new_cache(num_blocks=4).layer(0)) == "head_major"
+
+
+def test_triton_backends_keep_fp8_caches_head_major():
+    from compiled_attn.backends import BACKENDS
+
+    fp8 = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, kv_cache_dtype="fp8_e4m3")
+    for name in ("triton", "trtllm"):
+        assert BACKENDS[name].kv_cache_layout(fp8) == "head_major"
+        assert BACKENDS[name].kv_cache_layout(SPEC) == "token_major"
 
 
 def test_fp8_cache_dtype():

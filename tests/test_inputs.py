@@ -83,7 +83,7 @@ def test_layer_checks_tensor_metadata(mutate, message):
         (lambda q, k, v, c: (q, k, v.double(), c), "v has dtype torch.float64"),
         (lambda q, k, v, c: (q, k, v, c.half()), "kv_cache dtype torch.float16 does not match"),
         (lambda q, k, v, c: (q, k, v, c[0]), "kv_cache must be"),
-        (lambda q, k, v, c: (q, k, v, c.transpose(2, 3).contiguous().transpose(2, 3)), "kv_cache must be contiguous"),
+        (lambda q, k, v, c: (q, k, v, c.transpose(1, 2).contiguous().transpose(1, 2)), "kv_cache must be contiguous"),
         (lambda q, k, v, c: (q.int(), k.int(), v.int(), c), "dtype torch.int32 is not supported"),
     ],
 )

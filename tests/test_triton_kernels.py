@@ -962,6 +962,24 @@ def test_head_major_pages_read_through_strides(interpreter, backend):
     torch.testing.assert_close(stored_hm, stored, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ["triton", "trtllm"])
+@pytest.mark.parametrize("name", ["mixed_fp8_fp16", "decode_gqa4_d80_bs32_fp32"])
+def test_backend_on_head_major_cache(interpreter, backend, name):
+    """Through the backend (store, prefill, decode): a head-major cache, as PagedKVCache allocates
+    fp8 caches for these backends, gives the token-major results and bytes bit for bit."""
+    case = ATTENTION_CASES[name]
+    b = case.make()
+    results = []
+    for cache in (b.kv_cache.clone(), b.kv_cache.transpose(2, 3).contiguous().transpose(2, 3)):
+        out = torch.full_like(b.q, float("nan"))
+        BACKENDS[backend].forward(b.q, b.k, b.v, cache, b.meta, out, alibi_slopes=b.alibi_slopes,
+                                  k_scale=b.k_scale, v_scale=b.v_scale, **case.features())
+        results.append((out, cache.contiguous()))
+    (out, cache), (out_hm, cache_hm) = results
+    assert not out.isnan().any()
+    assert same_bits(out_hm, out) and same_bits(cache_hm, cache)
+
+
 def test_programmatic_launch_only_for_real_launches(monkeypatch):
     """The launch attribute goes only to launches Triton makes itself, with real tensors, of kernels
     built for it; compiled and exported code launches the same kernels the ordinary way."""

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from ..cache import cache_layout
 from ..metadata import AttentionMetadata
 from ..spec import AttentionSpec
 
@@ -55,6 +56,8 @@ class AttentionBackend:
     min_compute_capability: ClassVar[tuple[int, int] | None] = None
     cuda_graph_support: ClassVar[str] = "full"
     """``"full"``: every call is capturable (no host syncs, shapes fixed by the bucket)."""
+    reads_head_major: ClassVar[bool] = True
+    """Whether ``forward`` takes a head-major cache (``cache.cache_layout``) through its strides."""
 
     block_size_message: ClassVar[str] = (
         "block_size {block_size} is not supported (needs a multiple of {multiple}, at most {largest})")
@@ -77,6 +80,9 @@ class AttentionBackend:
         missing = [f for f, on in used.items() if on and f not in cls.features]
         if missing:
             return f"does not support {', '.join(missing)}"
+        if not cls.reads_head_major and cache_layout(kv_cache) == "head_major":
+            return ("needs a token-major cache (memory [2, num_blocks, block_size, kv_heads, head_size]); this one is "
+                    "head-major: allocate it with PagedKVCache(..., layout='token_major')")
         return cls.block_size_reason(kv_cache.shape[2])
 
     @classmethod
@@ -131,6 +137,12 @@ class AttentionBackend:
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
         """The per-layer cache shape; every built-in backend uses the canonical layout."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def kv_cache_layout(cls, spec: AttentionSpec) -> str:
+        """The cache memory order this backend reads fastest (``cache.LAYOUTS``); the shape is
+        always :meth:`kv_cache_shape`'s. Default: token-major."""
+        return "token_major"
 
     @classmethod
     def plan(cls, meta: AttentionMetadata) -> AttentionMetadata:

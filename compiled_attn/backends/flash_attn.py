@@ -165,6 +165,7 @@ class FlashAttnBackend(AttentionBackend):
     """FlashAttention-2 through the ``flash-attn`` package: CUDA, sm80-sm90, fp16/bf16, pages of 256*k."""
 
     name = "flash_attn"
+    reads_head_major = False  # the package's paged kernels take token-major pages
     device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
     head_sizes = None  # any multiple of 8 up to 256, checked in extra_reason

@@ -111,6 +111,7 @@ class FlashAttn3Backend(AttentionBackend):
     """FlashAttention-3 through ``flash_attn_interface``: CUDA sm90, fp16/bf16, pages of 1-256 tokens."""
 
     name = "flash_attn3"
+    reads_head_major = False  # the package's paged kernels take token-major pages
     device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
     head_size_multiple: ClassVar[int] = 8

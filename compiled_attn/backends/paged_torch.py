@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..cache import cache_layout
 from ..metadata import AttentionMetadata
 
 
@@ -33,16 +34,16 @@ def store_kv(
     k_scale: torch.Tensor,
     v_scale: torch.Tensor,
 ) -> None:
-    """``kv_cache[:, slot // bs, slot % bs] = (k, v)`` for every token with ``slot >= 0``."""
+    """``kv_cache[:, slot // bs, slot % bs] = (k, v)`` for every token with ``slot >= 0`` (either
+    memory order, see ``cache.cache_layout``)."""
     _, num_blocks, block_size, kv_heads, head_size = kv_cache.shape
     if slot_mapping.shape[0] == 0:
         return
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_size)
     new_k = quantize(k, k_scale, kv_cache.dtype)
     new_v = quantize(v, v_scale, kv_cache.dtype)
     if kv_cache.dtype.itemsize == 1:
         # Index kernels have no fp8 implementations; moving bytes is the same thing.
-        flat, new_k, new_v = flat.view(torch.uint8), new_k.view(torch.uint8), new_v.view(torch.uint8)
+        kv_cache, new_k, new_v = kv_cache.view(torch.uint8), new_k.view(torch.uint8), new_v.view(torch.uint8)
     # Tokens with slot -1 rewrite the slot and value of the last token that does store (or slot 0's
     # own value if none does): duplicate indices then carry identical bytes, so one index_copy_
     # of fixed size does the store -- no boolean-mask indexing, hence no host sync (capturable).
@@ -52,9 +53,14 @@ def store_kv(
     some = last >= 0
     last = last.clamp(min=0)
     slots = torch.where(stores, slot_mapping, torch.where(some, slot_mapping[last], 0))
-    for cache, new in ((flat[0], new_k), (flat[1], new_v)):
-        filler = torch.where(some[:, None, None], new[last], cache[:1])
-        cache.index_copy_(0, slots, torch.where(stores[:, None, None], new, filler))
+    head_major = cache_layout(kv_cache) == "head_major"
+    for cache, new in ((kv_cache[0], new_k), (kv_cache[1], new_v)):  # [num_blocks, block_size, kv_heads, D]
+        filler = torch.where(some[:, None, None], new[last], cache[:1, 0])
+        values = torch.where(stores[:, None, None], new, filler)
+        if head_major:  # no flat token index over these strides: (block, offset) pairs
+            cache.index_put_((slots // block_size, slots % block_size), values)
+        else:
+            cache.view(num_blocks * block_size, kv_heads, head_size).index_copy_(0, slots, values)
 
 
 def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

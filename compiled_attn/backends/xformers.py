@@ -133,6 +133,7 @@ class XFormersBackend(AttentionBackend):
     """xFormers' Triton split-K paged kernel, one query per row: CUDA, fp16/bf16, pages of 64*k."""
 
     name = "xformers"
+    reads_head_major = False  # the package's paged kernels take token-major pages
     device_types = ("cuda",)
     dtypes = (torch.float16, torch.bfloat16)
     head_sizes = (16, 32, 64, 128, 256)  # triton_splitk: "Embed dim {K} not supported" otherwise

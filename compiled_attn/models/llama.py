@@ -186,9 +186,12 @@ class LlamaForCausalLM(nn.Module):
         return compiled
 
     def new_cache(self, num_blocks: int, block_size: int = 16, *, shuffle_seed: int | None = None) -> PagedKVCache:
-        """A ``PagedKVCache`` shaped for this model, on its device, in its dtype."""
+        """A ``PagedKVCache`` shaped for this model, on its device, in its dtype, in the memory order its
+        attention backend reads fastest."""
+        backend = self.layers[0].self_attn.attn.backend
         return PagedKVCache(self.config.num_layers, num_blocks, block_size, self.attention_spec, dtype=self.dtype,
-                            device=self.device, shuffle_seed=shuffle_seed)
+                            device=self.device, shuffle_seed=shuffle_seed,
+                            layout=backend.kv_cache_layout(self.attention_spec))
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], **kwargs: Any
                  ) -> list[list[int]]:
