@@ -962,13 +962,10 @@ def test_head_major_pages_read_through_strides(interpreter, backend):
     torch.testing.assert_close(stored_hm, stored, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", ["triton", "trtllm"])
-@pytest.mark.parametrize("name", ["mixed_fp8_fp16", "decode_gqa4_d80_bs32_fp32"])
-def test_backend_on_head_major_cache(interpreter, backend, name):
+def check_head_major_cache(backend: str, case: Case, device="cpu", seed=0, batches=BATCHES):
     """Through the backend (store, prefill, decode): a head-major cache, as PagedKVCache allocates
     fp8 caches for these backends, gives the token-major results and bytes bit for bit."""
-    case = ATTENTION_CASES[name]
-    b = case.make()
+    b = case.make(device, seed, batches)
     results = []
     for cache in (b.kv_cache.clone(), b.kv_cache.transpose(2, 3).contiguous().transpose(2, 3)):
         out = torch.full_like(b.q, float("nan"))
@@ -978,6 +975,24 @@ def test_backend_on_head_major_cache(interpreter, backend, name):
     (out, cache), (out_hm, cache_hm) = results
     assert not out.isnan().any()
     assert same_bits(out_hm, out) and same_bits(cache_hm, cache)
+
+
+@pytest.mark.parametrize("backend", ["triton", "trtllm"])
+@pytest.mark.parametrize("name", ["mixed_fp8_fp16", "decode_gqa4_d80_bs32_fp32"])
+def test_backend_on_head_major_cache(interpreter, backend, name):
+    check_head_major_cache(backend, ATTENTION_CASES[name])
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["triton", "trtllm"])
+@pytest.mark.parametrize("name", ["mixed_256_fp8", "decode_4x32k_fp8", "decode_1x4k_split", "window_mixed_fp8"])
+def test_gpu_backend_on_head_major_cache(compiled, backend, name):
+    batch_name, case = GPU_CASES[name]
+    if name == "decode_1x4k_split":  # batch 1 in fp8: the split count and in-kernel merge of that shape
+        case = dataclasses.replace(case, fp8=True)
+    check_head_major_cache(backend, dataclasses.replace(case, batch=batch_name), device="cuda", seed=len(name),
+                           batches=GPU_BATCHES)
 
 
 def test_programmatic_launch_only_for_real_launches(monkeypatch):
