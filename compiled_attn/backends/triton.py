@@ -37,8 +37,8 @@ class TritonBackend(AttentionBackend):
     @classmethod
     def kv_cache_layout(cls, spec: AttentionSpec) -> str:
         """fp8 caches head-major: each head's page in one piece, not 128-byte rows 1 KB apart. fp8 decode
-        at 64x16384 on an H100 773-800 us against 812-835 token-major; bf16 within 0.3% either way
-        (BENCHMARKS.md, tune_h100.json "page_layout", "split_counts_rerun")."""
+        at 64x16384 on an H100: 782 us against 816-826 token-major; bf16 within 0.3% either way
+        (BENCHMARKS.md; tune_h100.json "fp8_cache_layout", "page_layout")."""
         return "head_major" if spec.is_fp8 else "token_major"
 
     @classmethod
