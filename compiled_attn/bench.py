@@ -184,28 +184,33 @@ def capture_graph(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def time_graph(fn: Callable[[], None], replicas: int, *, replays: int = 20, rounds: int = 2) -> float:
+WARMUP_S = 0.05  # replay for at least this long before timing (see time_graph)
+
+
+def time_graph(fn: Callable[[], None], replicas: int, *, replays: int = 20) -> float:
     """Median microseconds per call of ``fn``'s ``replicas`` calls, captured in one CUDA graph.
 
-    ``rounds`` captures, each timed; the last one counts. The first graph captured after another
-    contender's run can be slow all through its replays, whichever contender it is (on an H100,
-    right after the ``torch_native`` fp8 decode at 64x16384: 889-891 us against 782-787 for the
-    same graph captured again; not explained, BENCHMARKS.md), and a second round also starts every
-    contender from its own load, not from the previous one's clocks.
+    Before timing, the graph replays for ``WARMUP_S`` (at least 3 times): right after another
+    contender's run a graph can be slow for its first tens of milliseconds, whichever contender it is
+    (on an H100, right after the ``torch_native`` fp8 decode at 64x16384: 889-907 us for 20 timed
+    replays that followed 3 warm-up ones, against 782-787 later; sleeping, emptying the allocator's
+    cache or a fresh capture did not help, a round of replays did; not explained, BENCHMARKS.md).
     """
-    for _ in range(rounds):
-        graph = capture_graph(fn)
-        for _ in range(3):
-            graph.replay()
-        times = []
-        for _ in range(replays):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / replicas)
-        del graph
+    graph = capture_graph(fn)
+    start_s, warm = time.perf_counter(), 0
+    while warm < 3 or time.perf_counter() - start_s < WARMUP_S:
+        graph.replay()
+        torch.cuda.synchronize()
+        warm += 1
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / replicas)
+    del graph
     return statistics.median(times)
 
 
