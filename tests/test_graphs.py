@@ -51,12 +51,14 @@ def test_choose_bucket_reasons(batch, reason):
 class TinyStep(torch.nn.Module):
     """A user's step: project tokens to q/k/v, one paged attention layer, back to features."""
 
-    def __init__(self, backend: str = "reference", device: str = "cpu", block_size: int = 4):
+    def __init__(self, backend: str = "reference", device: str = "cpu", block_size: int = 4, spec=SPEC):
         super().__init__()
         torch.manual_seed(0)
         self.qkv = torch.nn.Linear(16, (SPEC.num_heads + 2 * SPEC.num_kv_heads) * SPEC.head_size, device=device)
-        self.attn = ca.Attention(SPEC, backend=backend, device=device)
-        self.kv_cache = torch.zeros(2, 32, block_size, SPEC.num_kv_heads, SPEC.head_size, device=device)
+        self.attn = ca.Attention(spec, backend=backend, device=device)
+        # In the memory order the backend allocates (fp8 caches of our kernels: head-major).
+        self.kv_cache = ca.PagedKVCache(1, 32, block_size, spec, dtype=torch.float32, device=device,
+                                        layout=self.attn.backend.kv_cache_layout(spec)).layer(0)
 
     def forward(self, x: torch.Tensor, meta: ca.AttentionMetadata) -> torch.Tensor:
         d = SPEC.head_size
@@ -123,12 +125,14 @@ def test_graphs_need_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "torch_native", "triton", "trtllm"])
-def test_replay_equals_eager_on_gpu(backend):
-    if ca.available_backends(SPEC, device="cuda").get(backend) != "available":
+@pytest.mark.parametrize("backend,kv", [("reference", "bf16"), ("torch_native", "bf16"), ("triton", "bf16"),
+                                        ("trtllm", "bf16"), ("triton", "fp8"), ("trtllm", "fp8")])
+def test_replay_equals_eager_on_gpu(backend, kv):
+    spec = dataclasses.replace(SPEC, kv_cache_dtype="fp8_e4m3") if kv == "fp8" else SPEC
+    if ca.available_backends(spec, device="cuda").get(backend) != "available":
         pytest.skip(f"{backend} is not available here")
     bs = 16  # the smallest page every GPU backend serves
-    step, eager_step = TinyStep(backend, "cuda", bs), TinyStep(backend, "cuda", bs)
+    step, eager_step = TinyStep(backend, "cuda", bs, spec), TinyStep(backend, "cuda", bs, spec)
     runner = CUDAGraphRunner(step, token_input_specs=[((16,), torch.float32)], block_size=bs, max_blocks=4,
                              max_num_seqs=8, decode_buckets=[1, 2, 4, 8], prefill_buckets=[8, 16], device="cuda")
     runner.capture()
@@ -150,7 +154,8 @@ def test_replay_equals_eager_on_gpu(backend):
         meta = ca.AttentionMetadata.build(query_lens, seq_lens, tables, bs, "cuda")
         want = eager_step(x, meta)
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(step.kv_cache, eager_step.kv_cache, rtol=1e-5, atol=1e-5)
+    assert ca.cache.cache_layout(step.kv_cache) == step.attn.backend.kv_cache_layout(spec)
+    torch.testing.assert_close(step.kv_cache.float(), eager_step.kv_cache.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_per_sequence_outputs_are_cut_to_the_sequence_count():
