@@ -125,8 +125,8 @@ def test_graphs_need_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend,kv", [("reference", "bf16"), ("torch_native", "bf16"), ("triton", "bf16"),
-                                        ("trtllm", "bf16"), ("triton", "fp8"), ("trtllm", "fp8")])
+@pytest.mark.parametrize("backend,kv", [("reference", "auto"), ("torch_native", "auto"), ("triton", "auto"),
+                                        ("trtllm", "auto"), ("triton", "fp8"), ("trtllm", "fp8")])
 def test_replay_equals_eager_on_gpu(backend, kv):
     spec = dataclasses.replace(SPEC, kv_cache_dtype="fp8_e4m3") if kv == "fp8" else SPEC
     if ca.available_backends(spec, device="cuda").get(backend) != "available":
