@@ -23,7 +23,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .backends import BACKENDS, get_backend
+from .backends import BACKENDS, get_backend, select_backend
+from .cache import cache_layout
 from .metadata import AttentionMetadata
 from .spec import AttentionSpec
 
@@ -89,13 +90,14 @@ class Workload:
 def default_layout(spec: AttentionSpec, *, device: str, dtype: torch.dtype, block_size: int) -> str:
     """The cache memory order (``cache.LAYOUTS``) that the backend ``"auto"`` picks on ``device``
     allocates: the benchmark's workloads are built in it (fp8: head-major for our kernels)."""
-    from .backends import select_backend
-
     return select_backend(spec, name="auto", device=device, dtype=dtype, block_size=block_size).kv_cache_layout(spec)
 
 
 def build_workload(case: Case, spec: AttentionSpec, *, block_size: int, dtype: torch.dtype, device: str,
-                   seed: int = 0, contiguous_pages: bool = False, head_major_pages: bool = False) -> Workload:
+                   seed: int = 0, contiguous_pages: bool = False, head_major_pages: bool | None = None) -> Workload:
+    """``head_major_pages``: the cache's memory order; None: the one :func:`default_layout` names."""
+    if head_major_pages is None:
+        head_major_pages = default_layout(spec, device=device, dtype=dtype, block_size=block_size) == "head_major"
     g = torch.Generator(device=device).manual_seed(seed)
     kv_bytes = 2 * sum(case.seq_lens) * spec.num_kv_heads * spec.head_size * spec.cache_dtype(dtype).itemsize
     replicas = max(1, min(16, math.ceil(L2_ROTATION_BYTES / kv_bytes)))
@@ -274,13 +276,12 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
         for kv_label, spec in spec_variants:
             if kv_label == "fp8" and case.kind != "decode":
                 continue
-            layout = default_layout(spec, device=device, dtype=dtype, block_size=block_size)
             try:
-                workload = build_workload(case, spec, block_size=block_size, dtype=dtype, device=device,
-                                          head_major_pages=layout == "head_major")
+                workload = build_workload(case, spec, block_size=block_size, dtype=dtype, device=device)
             except torch.OutOfMemoryError as err:
                 results.append({"case": case.name, "kv": kv_label, "error": f"workload: {err}"})
                 continue
+            layout = cache_layout(workload.kv_cache)
             for name, make in default_contenders(flex=flex).items():
                 if name.startswith("ours:"):
                     reason = BACKENDS[name[5:]].supports(spec, device=device, dtype=dtype, block_size=block_size)

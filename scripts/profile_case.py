@@ -66,9 +66,7 @@ def main() -> None:
     spec = bench.bench_spec(args.kv)
     report = []
     for case in args.case:
-        layout = bench.default_layout(spec, device="cuda", dtype=torch.bfloat16, block_size=16)
-        workload = bench.build_workload(cases[case], spec, block_size=16, dtype=torch.bfloat16, device="cuda",
-                                        head_major_pages=layout == "head_major")
+        workload = bench.build_workload(cases[case], spec, block_size=16, dtype=torch.bfloat16, device="cuda")
         for name in args.contender or ["ours:trtllm"]:
             if args.eager_calls:
                 fn = contender(name)(workload)

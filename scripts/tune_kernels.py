@@ -28,6 +28,7 @@ import time
 import torch
 
 from compiled_attn import bench
+from compiled_attn.cache import cache_layout
 from compiled_attn.kernels import paged_attention as pa
 
 PREFILL = {"PREFILL_BLOCK_M": (64, 128), "TILE_N_GPU": (32, 64, 128), "PREFILL_NUM_WARPS": (4, 8),
@@ -276,10 +277,10 @@ def main() -> None:
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.bench_spec(kv)
-        layout = bench.default_layout(spec, device="cuda", dtype=torch.bfloat16, block_size=16)
-        head_major = args.head_major_pages or (layout == "head_major" and not args.token_major_pages)
+        pages = True if args.head_major_pages else False if args.token_major_pages else None  # None: as allocated
         workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda",
-                                        contiguous_pages=args.contiguous_pages, head_major_pages=head_major)
+                                        contiguous_pages=args.contiguous_pages, head_major_pages=pages)
+        head_major = cache_layout(workload.kv_cache) == "head_major"
         configs = configurations(sweep)
         defaults = {k: getattr(pa, k) for config in configs for k in config}
         for config in configs:
