@@ -1067,6 +1067,23 @@ def test_store_and_decode_one_key_loop_and_two_loops(interpreter, monkeypatch, n
     check_store_and_decode(DECODE_CASES[name], nan_poison=True)
 
 
+@pytest.mark.parametrize("heads_first", [True, False])
+@pytest.mark.parametrize("name", ["mixed_gqa4_d80_fp32", "mixed_gqa3_d112", "decode_split3_gqa4_d96",
+                                  "spec_decode_split2_gqa4"])
+def test_paged_attention_in_both_program_orders(interpreter, monkeypatch, name, heads_first):
+    """Programs walk the KV heads of a query block first or every block of a head first (the grid
+    and the merge counters' indices change with it); both agree with the reference."""
+    monkeypatch.setitem(pa_mod.HEADS_FIRST, "paged_attention", heads_first)
+    check_attention_case(ATTENTION_CASES[name])
+
+
+@pytest.mark.parametrize("heads_first", [True, False])
+@pytest.mark.parametrize("name", ["gqa4_d80_bs32_fp32_split3", "gqa3_d64_fp32"])
+def test_store_and_decode_in_both_program_orders(interpreter, monkeypatch, name, heads_first):
+    monkeypatch.setitem(pa_mod.HEADS_FIRST, "store_and_decode", heads_first)
+    check_store_and_decode(DECODE_CASES[name])
+
+
 def test_one_key_loop_only_for_short_decode_splits():
     """One loop where a split holds at most ONE_LOOP_MAX_TILES tiles of the block table's reach:
     batch-1 decode on an H100 (64 bf16 splits of 4096 keys, 16 fp8 ones), never long splits or prefill."""

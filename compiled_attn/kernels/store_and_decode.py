@@ -2,8 +2,9 @@
 (TensorRT-LLM style: the cache append fused into the decode kernel).
 
 Decode only: one new token per sequence, token ``b`` is sequence ``b`` (T == B), at position
-``seq_lens[b] - 1``. Grid ``(B, num_kv_heads, num_splits)``; a program's tile is the ``G`` query
-heads of one KV head (GQA). The program of split 0 stores the token's K/V (quantised for fp8)
+``seq_lens[b] - 1``. Grid ``(B * num_kv_heads, 1, num_splits)``, a sequence's KV heads on
+consecutive programs (``HEADS_FIRST``, as in :mod:`~compiled_attn.kernels.paged_attention`); a
+program's tile is the ``G`` query heads of one KV head (GQA). The program of split 0 stores the token's K/V (quantised for fp8)
 and seeds its softmax with the new key straight from registers; every program reads only
 positions ``< seq_len - 1`` from the cache, so no program waits for the store. Loads that do not
 depend on ``seq_len`` (q, the new K/V, the slot) are issued with it, so the only chain of
@@ -28,12 +29,14 @@ from .paged_attention import (
     LOG2E,
     _attend_range,
     _launch_next_kernel,
+    _program_tile,
     _query_for_dot,
     _score_params,
     _split_tiles,
     _store_result,
     _tanh,
     _wait_for_previous_kernel,
+    attention_grid,
     check_attention_args,
     check_scale,
     choose_num_splits,
@@ -59,11 +62,11 @@ def _store_and_decode_kernel(
     FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
     FP8_DOT_FP16: tl.constexpr, MERGE_CHUNK: tl.constexpr, ONE_KEY_LOOP: tl.constexpr, USE_GDC: tl.constexpr,
-    EARLY_LAUNCH_NEXT: tl.constexpr,
+    EARLY_LAUNCH_NEXT: tl.constexpr, HEADS_FIRST: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_GDC, EARLY_LAUNCH_NEXT)
-    b = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
+    b, kvh, _ = _program_tile(NUM_HEADS // G, HEADS_FIRST)
+    b = b.to(tl.int64)
     split = tl.program_id(2)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -140,7 +143,7 @@ def _store_and_decode_kernel(
         acc = acc * v_scale
     tok = tl.full([BLOCK_M], 0, dtype=tl.int64) + b
     _store_result(
-        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, b * tl.num_programs(1) + kvh,
+        acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, b * (NUM_HEADS // G) + kvh,
         tok, head, row_valid, split, num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,
         FUSED_REDUCE, BLOCK_M, MERGE_CHUNK,
     )
@@ -192,7 +195,8 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
             kernel="store_and_decode"),
         FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret, num_warps=num_warps, num_stages=num_stages, **launch,
     )
-    return ((num_seqs, kv_heads, num_splits), args, constexprs), reduce_launch
+    grid = attention_grid(num_seqs, kv_heads, num_splits, constexprs["HEADS_FIRST"])
+    return (grid, args, constexprs), reduce_launch
 
 
 def store_and_decode(
