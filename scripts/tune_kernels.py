@@ -6,7 +6,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
-``fp8-decode``, ``heads-first`` (see ``SWEEPS``).
+``fp8-decode``, ``heads-first``, ``both-kernels`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT.
@@ -210,6 +210,9 @@ def heads_first(first: bool) -> dict:
 HEADS_FIRST_CONFIGS = [heads_first(f) for f in (False, True)] * 2
 HEADS_FIRST_CASES = [(name, kv, backend, HEADS_FIRST_CONFIGS) for name, kv, backend, _ in DEFAULT_CASES] + [
     (name, "bf16", "triton", HEADS_FIRST_CONFIGS) for name in DECODE_CASE_NAMES]
+# --sweep both-kernels: every benchmark case once as the package is, and the unified kernel's decode
+# too (an A/B of checkouts that change both kernels).
+BOTH_KERNELS_CASES = [(name, kv, backend, [{}]) for name, kv, backend, _ in HEADS_FIRST_CASES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -218,7 +221,8 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "small-grid-merge": SMALL_GRID_MERGE_CASES, "prefill-lengths": PREFILL_LENGTHS_CASES, "pdl": PDL_CASES,
           "order-pdl": ORDER_PDL_CASES, "pdl-small-grid": PDL_SMALL_GRID_CASES,
           "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES,
-          "fp8-decode": FP8_DECODE_CASES, "heads-first": HEADS_FIRST_CASES}
+          "fp8-decode": FP8_DECODE_CASES, "heads-first": HEADS_FIRST_CASES,
+          "both-kernels": BOTH_KERNELS_CASES}
 
 
 def all_cases() -> dict:

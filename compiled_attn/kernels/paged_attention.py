@@ -159,9 +159,10 @@ LOG2E = tl.constexpr(1.4426950408889634)  # scores are kept in log2 units
 
 
 @triton.jit
-def _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW: tl.constexpr):
-    """-inf where a row may not see a key: padding rows, keys past ``key_end``, causal, window."""
-    visible = row_valid[:, None] & (offs_n < key_end)[None, :] & (offs_n[None, :] <= q_pos[:, None])
+def _mask_scores(s, offs_n, key_end, q_pos, window, USE_WINDOW: tl.constexpr):
+    """-inf where a row may not see a key: keys past ``key_end``, causal, window. Rows outside the
+    program's queries are not masked: they see keys (finite junk) and are never stored."""
+    visible = (offs_n < key_end)[None, :] & (offs_n[None, :] <= q_pos[:, None])
     if USE_WINDOW:
         visible = visible & (offs_n[None, :] > q_pos[:, None] - window)
     return tl.where(visible, s, float("-inf"))
@@ -169,7 +170,7 @@ def _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW: tl.co
 
 @triton.jit
 def _attend_tile(
-    acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+    acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, slopes,
     qk_scale, window, softcap, mask_from,
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
@@ -226,12 +227,14 @@ def _attend_tile(
         s = s * c + (slopes * LOG2E)[:, None] * (offs_n[None, :] - q_pos[:, None]).to(tl.float32)
         c = 1.0
     if MASKED:
-        s = _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW)
+        s = _mask_scores(s, offs_n, key_end, q_pos, window, USE_WINDOW)
     if RUNTIME_MASK:
         if tile >= mask_from:
-            s = _mask_scores(s, offs_n, key_end, q_pos, row_valid, window, USE_WINDOW)
+            s = _mask_scores(s, offs_n, key_end, q_pos, window, USE_WINDOW)
     m_new = tl.maximum(m_i, tl.max(s, axis=1) * c)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+    m_safe = m_new  # a mask-free tile shows every row all of its keys: m_new is finite
+    if MASKED or RUNTIME_MASK:
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
     p = tl.exp2(s * c - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -272,7 +275,7 @@ def _unmasked_tiles_end(first_tile, last_tile, first_query_pos, TILE_N: tl.const
 @triton.jit
 def _attend_range(
     acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, first_query_pos, key_end, q_pos,
-    row_valid, slopes, qk_scale, window, softcap,
+    slopes, qk_scale, window, softcap,
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
@@ -291,20 +294,20 @@ def _attend_range(
     if ONE_KEY_LOOP:
         for tile in range(first_tile, last_tile):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, slopes,
                 qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
                 HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False, True,
             )
     else:
         for tile in range(first_tile, mid_tile):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, slopes,
                 qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
                 HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False, False,
             )
         for tile in range(mid_tile, last_tile):
             acc, m_i, l_i = _attend_tile(
-                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, row_valid, slopes,
+                acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, slopes,
                 qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
                 HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True, False,
             )
@@ -360,6 +363,7 @@ def _store_result(
     """
     offs_d = tl.arange(0, HEAD_PAD)
     mask = row_valid[:, None] & (offs_d < HEAD)[None, :]
+    tok = tok.to(tl.int64)
     dst = out_ptr + tok[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
     if NUM_SPLITS == 1:
         o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -444,14 +448,17 @@ def _paged_attention_kernel(
 
     if (NUM_SPLITS == 1) or FUSED_REDUCE:  # else the reduction launch writes the padding rows
         # Padding tokens (>= query_start_loc[-1]) belong to no query block: the programs whose
-        # token range [q_block * BLOCK_Q, +BLOCK_Q) holds them write their zeros.
-        tok = q_block * BLOCK_Q + offs_m // G
-        # Split 0 alone writes them. (A comparison, not `& (split == 0)`: triton 3.9's interpreter
-        # turns block & scalar into an int32 mask.)
-        pad = in_tile & (tok >= tl.load(query_start_loc_ptr + num_seqs)) & (tok < tl.where(split == 0, num_tokens, 0))
-        dst = out_ptr + tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
-        zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
-        tl.store(dst, zeros, mask=pad[:, None] & (offs_d < HEAD)[None, :])
+        # token range [q_block * BLOCK_Q, +BLOCK_Q) holds them write their zeros (a branch: the
+        # store's addresses cost every other program instructions).
+        last_token = tl.load(query_start_loc_ptr + num_seqs)
+        if (q_block + 1) * BLOCK_Q > last_token:
+            pad_tok = q_block * BLOCK_Q + offs_m // G
+            # Split 0 alone writes them. (A comparison, not `& (split == 0)`: triton 3.9's
+            # interpreter turns block & scalar into an int32 mask.)
+            pad = in_tile & (pad_tok >= last_token) & (pad_tok < tl.where(split == 0, num_tokens, 0))
+            dst = out_ptr + pad_tok.to(tl.int64)[:, None] * s_ot + head[:, None] * s_oh + offs_d[None, :] * s_od
+            zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
+            tl.store(dst, zeros, mask=pad[:, None] & (offs_d < HEAD)[None, :])
 
     seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -464,10 +471,11 @@ def _paged_attention_kernel(
     q_local = local * BLOCK_Q + offs_m // G
     row_valid = in_tile & (q_local < q_len)
     q_pos = context + q_local  # absolute position: sees keys 0..q_pos
-    tok = (q_start + q_local).to(tl.int64)
+    tok = q_start + q_local  # int32 (token indices fit), widened where it addresses memory
 
     q_mask = row_valid[:, None] & (offs_d < HEAD)[None, :]
-    q = tl.load(q_ptr + tok[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd, mask=q_mask, other=0.0)
+    q = tl.load(q_ptr + tok.to(tl.int64)[:, None] * s_qt + head[:, None] * s_qh + offs_d[None, :] * s_qd,
+                mask=q_mask, other=0.0)
     q = _query_for_dot(q, IS_FP8, DOT_FP32, FP8_DOT_FP16)
     qk_scale, softcap, slopes = _score_params(scale, softcap, k_scale_ptr, slopes_ptr, head, row_valid,
                                               BLOCK_M, IS_FP8, USE_ALIBI)
@@ -484,13 +492,15 @@ def _paged_attention_kernel(
     bt_row_ptr = block_table_ptr + seq.to(tl.int64) * s_bt
     acc, m_i, l_i = _attend_range(
         acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, context + local * BLOCK_Q, key_end,
-        q_pos, row_valid, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
+        q_pos, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
         HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
     )
     if not EARLY_LAUNCH_NEXT:
         _launch_next_kernel(USE_GDC)
     if IS_FP8:
         acc = acc * tl.load(v_scale_ptr).to(tl.float32)
+    # The rows to store, from tok (live across the key loops anyway) rather than keeping a mask live.
+    row_valid = in_tile & (tok < q_start + q_len)
     _store_result(
         acc, m_i, l_i, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, sem_ptr, q_block * (NUM_HEADS // G) + kvh,
         tok, head, row_valid, split, num_tokens, s_ot, s_oh, s_od, NUM_HEADS, HEAD, HEAD_PAD, NUM_SPLITS,

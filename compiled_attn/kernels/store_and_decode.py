@@ -133,7 +133,7 @@ def _store_and_decode_kernel(
     # Every cached key is before the query (as if the first query sat at pos - 1): only the tile
     # holding key pos - 1 needs bounds.
     acc, m_i, l_i = _attend_range(
-        acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, pos - 1, pos, q_pos, row_valid,
+        acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, pos - 1, pos, q_pos,
         slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
         HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
     )
