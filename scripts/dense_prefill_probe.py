@@ -5,13 +5,12 @@ held to on this compiler (GPU only; a diagnostic, not part of the package).
 
 8 sequences x 2,048 tokens, 32 query heads, head size 128, bf16, causal (the benchmark's prefill
 8x2048), for dense kernels written the way ours is (online softmax in log2 units, mask-free tiles
-below the diagonal, blocks longest first, K/V tiles software-pipelined by Triton):
-- ``mha``: one head a program, ``[B, H, N, D]`` tensors, ``BLOCK_M`` query rows;
-- ``gqa``: ``[B*N, H, D]`` tensors and 8 KV heads, a program's rows the ``BLOCK_M // 4`` tokens x 4
-  query heads of one KV head, as in our kernel.
-Each with pointer loads (``cp.async``) or tensor descriptors (TMA), one program a query block or
-persistent (a program an SM walking the blocks), and ``tl.range(warp_specialize=...)``. PyTorch's
-SDPA (cuDNN, FlashAttention-2) and our paged kernel run in the same process.
+below the diagonal, blocks longest first, K/V tiles software-pipelined by Triton), on
+``[B, N, heads, D]`` tensors with 8 KV heads (a program's rows the ``BLOCK_M // 4`` tokens x 4 query
+heads of one KV head, as in our kernel) or 32 (one query head a program). Each with pointer loads
+(``cp.async``) or tensor descriptors (TMA), one program a query block or persistent (a program an
+SM walking the blocks), and ``tl.range(warp_specialize=...)``. PyTorch's SDPA (cuDNN,
+FlashAttention-2) and our paged kernel run in the same process.
 """
 
 from __future__ import annotations

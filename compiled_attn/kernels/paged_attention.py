@@ -108,9 +108,8 @@ EARLY_LAUNCH_NEXT = {"store_and_decode": True, "paged_attention": False}
 # Program order, by kernel: the KV heads of one query block (one sequence, for store_and_decode) on
 # consecutive programs, or every query block of one head before the next head. The GPU starts
 # programs in order, so with heads first the longest-first order holds over the whole launch, not
-# within each head (see _program_tile): prefill 8x2048 845 -> 786 us, the prefix case 1.5% faster,
-# store_and_decode 0.3-2.3% faster on every decode case; the unified kernel's decode within 1.4%
-# either way (H200, tune_h100.json "heads_first").
+# within each head (see _program_tile): prefill 8x2048 850-854 -> 802 us, every decode case 0.3-1.3%
+# faster (H100; on an H200 845 -> 786 us and the prefix case 1.5% faster; tune_h100.json "heads_first").
 HEADS_FIRST = {"store_and_decode": True, "paged_attention": True}
 
 SUPPORTED_HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)

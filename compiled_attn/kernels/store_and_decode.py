@@ -4,12 +4,12 @@
 Decode only: one new token per sequence, token ``b`` is sequence ``b`` (T == B), at position
 ``seq_lens[b] - 1``. Grid ``(B * num_kv_heads, 1, num_splits)``, a sequence's KV heads on
 consecutive programs (``HEADS_FIRST``, as in :mod:`~compiled_attn.kernels.paged_attention`); a
-program's tile is the ``G`` query heads of one KV head (GQA). The program of split 0 stores the token's K/V (quantised for fp8)
-and seeds its softmax with the new key straight from registers; every program reads only
-positions ``< seq_len - 1`` from the cache, so no program waits for the store. Loads that do not
-depend on ``seq_len`` (q, the new K/V, the slot) are issued with it, so the only chain of
-dependent reads is seq_len -> block table -> K/V. With more than
-one split the partials are merged as in :mod:`~compiled_attn.kernels.paged_attention` (by the
+program's tile is the ``G`` query heads of one KV head (GQA). The program of split 0 stores the
+token's K/V (quantised for fp8) and seeds its softmax with the new key straight from registers;
+every program reads only positions ``< seq_len - 1`` from the cache, so no program waits for the
+store. Loads that do not depend on ``seq_len`` (q, the new K/V, the slot) are issued with it, so
+the only chain of dependent reads is seq_len -> block table -> K/V. With more than one split the
+partials are merged as in :mod:`~compiled_attn.kernels.paged_attention` (by the
 last program of a tile, or by a reduction launch for many splits). Padding sequences
 (``seq_len == 0``) store nothing and get zeros.
 
