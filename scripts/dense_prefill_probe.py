@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
 
-B, H, KV_HEADS, N, D = 8, 32, 8, 2048, 128
+from compiled_attn import bench
+
+CASE = next(case for case in bench.CASES if case.name == "prefill 8x2048")
+B, N = len(CASE.query_lens), CASE.query_lens[0]
+H, KV_HEADS, D = bench.LLAMA3_8B.num_heads, bench.LLAMA3_8B.num_kv_heads, bench.LLAMA3_8B.head_size
 LOG2E = 1.4426950408889634
-
-
-def causal_flops(batch: int, heads: int, tokens: int, head_size: int) -> float:
-    return 4.0 * batch * heads * (tokens * (tokens + 1) / 2) * head_size
 
 
 @triton.jit
@@ -161,7 +160,7 @@ def main() -> None:
     kv = {heads: (torch.randn(B, N, heads, D, device="cuda", dtype=torch.bfloat16),
                   torch.randn(B, N, heads, D, device="cuda", dtype=torch.bfloat16)) for heads in (H, KV_HEADS)}
     out = torch.empty_like(q)
-    flops = causal_flops(B, H, N, D)
+    flops = bench.prefill_flops(CASE, bench.LLAMA3_8B)
     rows = []
 
     def report(name, fn, heads, check):
@@ -195,7 +194,6 @@ def main() -> None:
             launch = dense_attention(q, *kv[heads], out, **variant)
             report("dense triton " + json.dumps(variant), launch, heads, True)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from compiled_attn.kernels.paged_attention import paged_attention
     for heads in (KV_HEADS, H):
         k, v = kv[heads]

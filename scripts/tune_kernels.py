@@ -180,11 +180,16 @@ PDL_SMALL_GRID = [dict(PROGRAMMATIC_LAUNCH=p, FUSED_MAX_SPLITS=f) for p in (Fals
 PDL_SMALL_GRID_CASES = [("decode 1x4096", kv, backend, PDL_SMALL_GRID) for kv, backend in (
     ("bf16", "trtllm"), ("fp8", "trtllm"), ("bf16", "triton"), ("fp8", "triton"))] + [
     (name, "bf16", "triton", [dict(LONGEST_FIRST=True), dict(LONGEST_FIRST=False)] * 3) for name in PREFILL_CASE_NAMES]
+def both_kernels(constant: str, value) -> dict:
+    """A per-kernel constant (a dict by kernel) set to ``value`` for both attention kernels."""
+    return {constant: {"store_and_decode": value, "paged_attention": value}}
+
+
 # --sweep launch-next: the next kernel allowed to launch when every program has started, or only
 # after the key loops (both kernels alike); batch 1 with the in-kernel merge up to 8 or 16 splits
 # too (fp8 takes 16).
 def launch_next(early: bool) -> dict:
-    return {"EARLY_LAUNCH_NEXT": {"store_and_decode": early, "paged_attention": early}}
+    return both_kernels("EARLY_LAUNCH_NEXT", early)
 
 
 LAUNCH_NEXT = [launch_next(e) for e in (True, False)] * 2
@@ -203,11 +208,7 @@ PDL_CHECK_CASES = [(name, "fp8", "triton", PDL_CHECK) for name in DECODE_CASE_NA
 FP8_DECODE_CASES = [(name, "fp8", "trtllm", [{}]) for name in DECODE_CASE_NAMES]
 # --sweep heads-first: programs in head-fastest order or every block of a head first, both kernels
 # alike, twice, for every benchmark case and the unified kernel's decode.
-def heads_first(first: bool) -> dict:
-    return {"HEADS_FIRST": {"store_and_decode": first, "paged_attention": first}}
-
-
-HEADS_FIRST_CONFIGS = [heads_first(f) for f in (False, True)] * 2
+HEADS_FIRST_CONFIGS = [both_kernels("HEADS_FIRST", first) for first in (False, True)] * 2
 HEADS_FIRST_CASES = [(name, kv, backend, HEADS_FIRST_CONFIGS) for name, kv, backend, _ in DEFAULT_CASES] + [
     (name, "bf16", "triton", HEADS_FIRST_CONFIGS) for name in DECODE_CASE_NAMES]
 # --sweep both-kernels: every benchmark case once as the package is, and the unified kernel's decode

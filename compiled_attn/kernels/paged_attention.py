@@ -125,7 +125,7 @@ def _wait_for_previous_kernel(USE_GDC: tl.constexpr, LAUNCH_NEXT: tl.constexpr):
     if USE_GDC:
         tl.extra.cuda.gdc_wait()
         if LAUNCH_NEXT:
-            tl.extra.cuda.gdc_launch_dependents()
+            _launch_next_kernel(USE_GDC)
 
 
 @triton.jit
