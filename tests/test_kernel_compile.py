@@ -43,14 +43,15 @@ def test_paged_attention_compiles_for_sm90(shape, fp8, head_size):
     assert compiled.metadata.shared <= H100_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
 
 
-def test_prefill_tensor_core_pipeline_is_not_serialised():
+@pytest.mark.parametrize("int32_offsets", [True, False])
+def test_prefill_tensor_core_pipeline_is_not_serialised(int32_offsets):
     """ptxas keeps the sm_90 prefill kernel's wgmma asynchronous: when code it cannot place within a
     wgmma pipeline stage appears anywhere in the kernel (a padding-token store before the key loops
     did), it serialises every wgmma of the function and each key loop runs 8-15% slower."""
     import subprocess
     import tempfile
 
-    compiled = _compile(_aot.paged_attention_launch(decode=False))
+    compiled = _compile(_aot.paged_attention_launch(decode=False, int32_offsets=int32_offsets))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx, tempfile.TemporaryDirectory() as out:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
@@ -63,6 +64,16 @@ def test_prefill_tensor_core_pipeline_is_not_serialised():
 @pytest.mark.parametrize("splits,fused", [(1, False), (4, False), (4, True), (32, True)])
 def test_store_and_decode_compiles_for_sm90(fp8, splits, fused):
     _compile(_aot.store_and_decode_launch(fp8=fp8, num_splits=splits, fused=fused, features=ALL_FEATURES))
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_caches_past_int32_offsets_compile_for_sm90(fp8):
+    """Caches of 2**31 elements or more take 64-bit K/V offsets: both kernels build that way too."""
+    for launch in (_aot.paged_attention_launch(decode=True, fp8=fp8, int32_offsets=False),
+                   _aot.paged_attention_launch(decode=False, fp8=fp8, int32_offsets=False),
+                   _aot.store_and_decode_launch(fp8=fp8, int32_offsets=False)):
+        assert launch.constexprs["INT32_OFFSETS"] is False
+        _compile(launch)
 
 
 @pytest.mark.parametrize("arch", sorted(OTHER_TARGETS))

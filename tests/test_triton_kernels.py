@@ -256,7 +256,7 @@ def nan_poisoned(cache: torch.Tensor) -> torch.Tensor:
     sequence) hold NaN: a kernel that lets one of them into a score or a sum shows it, even where
     a finite poison would be multiplied by a zero probability. (The reference reads the padded
     table whole, so it keeps the finite poison.)"""
-    c = cache.float()
+    c = cache.to(torch.float32, copy=True)  # never the caller's fp32 cache itself
     c[c == POISON] = float("nan")
     return c.to(cache.dtype)
 
@@ -1082,6 +1082,79 @@ def test_paged_attention_in_both_program_orders(interpreter, monkeypatch, name, 
 def test_store_and_decode_in_both_program_orders(interpreter, monkeypatch, name, heads_first):
     monkeypatch.setitem(pa_mod.HEADS_FIRST, "store_and_decode", heads_first)
     check_store_and_decode(DECODE_CASES[name])
+
+
+@pytest.mark.parametrize("name", ["mixed_gqa4_bs32_window", "decode_split3_gqa4_d96", "mixed_fp8_fp16"])
+def test_paged_attention_with_64_bit_offsets(interpreter, monkeypatch, name):
+    """The 64-bit K/V addressing that caches of 2**31 elements or more take (the interpreter cannot
+    hold such a cache: the size rule is forced)."""
+    monkeypatch.setattr(pa_mod, "offsets_fit_int32", lambda t: False)
+    check_attention_case(ATTENTION_CASES[name], nan_poison=True)
+
+
+@pytest.mark.parametrize("name", ["gqa4_d80_bs32_fp32_split3", "gqa2_fp8_d96_split2"])
+def test_store_and_decode_with_64_bit_offsets(interpreter, monkeypatch, name):
+    monkeypatch.setattr(sd_mod, "offsets_fit_int32", lambda t: False)
+    check_store_and_decode(DECODE_CASES[name], nan_poison=True)
+
+
+def test_offsets_fit_int32_counts_the_furthest_element():
+    """32-bit offsets up to the cache's furthest element, in whatever order its strides take."""
+    fits = pa_mod.offsets_fit_int32
+    page = 16 * 8 * 128
+    blocks = 2**31 // (2 * page)  # 2**31 elements: the last one at offset 2**31 - 1
+    assert fits(torch.empty(2, blocks, 16, 8, 128, device="meta")) is True
+    assert fits(torch.empty(2, blocks + 1, 16, 8, 128, device="meta")) is False
+    head_major = lambda n: torch.empty(2, n, 8, 16, 128, device="meta").transpose(2, 3)  # noqa: E731
+    assert fits(head_major(blocks)) is True and fits(head_major(blocks + 1)) is False
+    assert fits(head_major(blocks + 1)[:, :blocks]) is False, "a view reaches as far as its strides"
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_cache_past_int32_offsets(compiled, fp8):
+    """A cache whose V half lies past 2**31 elements (4 GB of bf16, 2 GB of fp8) takes 64-bit
+    offsets: with the batch's pages at the top of the pool, 32-bit ones would wrap. Both kernels
+    give what they give on the same pages in a small cache, and store where they should."""
+    case = Case("mixed", heads=32, kv_heads=8, head_size=128, dtype=torch.bfloat16, fp8=fp8)
+    b = case.make("cuda", seed=5)
+    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    small = b.kv_cache
+    page = math.prod(small.shape[2:])
+    top = 2**31 // (2 * page) + 1  # the first block of the batch's pages in the large pool
+    large = torch.empty((2, top + small.shape[1], *small.shape[2:]), dtype=small.dtype, device="cuda")
+    large[:, top:] = small
+    assert pa_mod.offsets_fit_int32(small) and not pa_mod.offsets_fit_int32(large)
+    shifted = dataclasses.replace(b.meta, block_table=b.meta.block_table + top)
+
+    outs = []
+    for cache, meta in ((small, b.meta), (large, shifted)):
+        outs.append(torch.full_like(b.q, float("nan")))
+        _attention(dataclasses.replace(b, kv_cache=cache, meta=meta), case, pa_mod.paged_attention, outs[-1])
+    ref = _attention(b, case, pa_mod.paged_attention_reference, None)
+    n = b.num_real_tokens
+    assert rel_error(outs[0][:n], ref[:n]) <= TOLERANCE[case.dtype]
+    assert rel_error(outs[1][:n], outs[0][:n]) <= TOLERANCE[case.dtype] and torch.all(outs[1][n:] == 0)
+
+    # One decode token per sequence through store_and_decode, slots shifted with the pages.
+    q, k, v = (t[: b.meta.seq_lens.shape[0]] for t in (b.q, b.k, b.v))
+    slots = (b.meta.seq_lens.long() - 1).clamp(min=0)  # each sequence's last slot: a position it holds
+    rows = torch.arange(slots.shape[0], device="cuda")
+    slots = b.meta.block_table[rows, slots // case.block_size].long() * case.block_size + slots % case.block_size
+    slots = torch.where(b.meta.seq_lens > 0, slots, -1)  # the padding sequence stores nothing
+    kw = dict(scale=case.head_size ** -0.5, k_scale=b.k_scale, v_scale=b.v_scale)
+    decode_outs = []
+    for cache, meta, shift in ((small.clone(), b.meta, 0), (large, shifted, top * case.block_size)):
+        decode_outs.append(sd_mod.store_and_decode(q, k, v, cache, meta.seq_lens, meta.block_table, slots + shift,
+                                                   torch.empty_like(q), **kw))
+        stored = cache
+    ref = sd_mod.store_and_decode_reference(q, k, v, small.clone(), b.meta.seq_lens, b.meta.block_table, slots, **kw)
+    assert rel_error(decode_outs[0], ref) <= TOLERANCE[case.dtype]
+    assert rel_error(decode_outs[1], decode_outs[0]) <= TOLERANCE[case.dtype]
+    small_after = small.clone()
+    sk_mod.store_kv_reference(k, v, small_after, slots, b.k_scale, b.v_scale)
+    assert_cache_matches(stored[:, top:], small_after, b.used_blocks, small)
 
 
 def test_one_key_loop_only_for_short_decode_splits():

@@ -99,20 +99,22 @@ class Launch:
                            num_stages=self.num_stages, arch=arch)
 
 
-def _constexprs(*, features: dict | None, **static) -> dict:
+def _constexprs(*, features: dict | None, int32_offsets: bool = True, **static) -> dict:
     """The launch plans' constexprs for these static shapes (``paged_attention.kernel_constexprs``,
     compiled-path choices: no fp32 dots; ``USE_GDC`` is set per arch by :func:`compile_for`);
-    ``features`` sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP. Module constants are read now, so a
-    patched one (``scripts/kernel_asm.py --set``) counts."""
-    return dict(pa.kernel_constexprs(dot_fp32=False, **static), **(features or {}))
+    ``features`` sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP; ``int32_offsets``: a cache whose
+    offsets fit int32, the usual case. Module constants are read now, so a patched one
+    (``scripts/kernel_asm.py --set``) counts."""
+    return dict(pa.kernel_constexprs(dot_fp32=False, int32_offsets=int32_offsets, **static), **(features or {}))
 
 
 def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,
                            num_splits: int | None = None, features: dict | None = None, group: int = 4,
-                           heads: int = 32, block_size: int = 16, max_context: int = 4096) -> Launch:
+                           heads: int = 32, block_size: int = 16, max_context: int = 4096,
+                           int32_offsets: bool = True) -> Launch:
     """The unified kernel for a decode bucket (one query a sequence, ``num_splits`` splits,
     default 4) or a long prefill bucket, with the package's tile choices (``hopper``: sm_90;
-    ``max_context``: what the block table addresses)."""
+    ``max_context``: what the block table addresses; ``int32_offsets``: the cache's size class)."""
     max_query_len = 1 if decode else 2048
     block_m, block_q, tile_n, warps, stages = pa.tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=False,
@@ -122,16 +124,16 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=splits,
                     fused_reduce=1 < splits <= pa.fused_max_splits("paged_attention"), max_context=max_context,
-                    max_query_len=max_query_len, fp8=fp8),
+                    max_query_len=max_query_len, fp8=fp8, int32_offsets=int32_offsets),
         BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST)
     return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 
 def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bool | None = None,
                             head_size: int = 128, features: dict | None = None, group: int = 4, heads: int = 32,
-                            block_size: int = 16, max_context: int = 4096) -> Launch:
+                            block_size: int = 16, max_context: int = 4096, int32_offsets: bool = True) -> Launch:
     """The fused store + decode kernel split ``num_splits`` ways (``fused``: the in-kernel merge;
-    default as the launch decides)."""
+    default as the launch decides; ``int32_offsets``: the cache's size class)."""
     block_m, _, tile_n, warps, stages = pa.tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=False, fp8=fp8)
     if fused is None:
@@ -139,7 +141,8 @@ def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bo
     constexprs = dict(
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=num_splits, fused_reduce=fused,
-                    max_context=max_context, max_query_len=1, fp8=fp8, kernel="store_and_decode"),
+                    max_context=max_context, max_query_len=1, fp8=fp8, kernel="store_and_decode",
+                    int32_offsets=int32_offsets),
         FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=False)
     return Launch(sd._store_and_decode_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 

@@ -75,8 +75,9 @@ SPLIT_TARGET_WAVES = 2  # flash-decoding: about 2 waves of resident programs (ra
 # their split count first.
 SPLIT_MIN_KEYS, SPLIT_MIN_KEYS_FP8 = 64, 256
 MAX_SPLITS = 64
-# Decode programs an SM runs at once (H100, Triton 3.6: 123-126 registers for bf16 K/V, 254-255
-# for fp8; benchmarks/tune_h100.json "kernels"). The split count targets waves of them (bf16: 8
+# Decode programs an SM runs at once (Triton 3.6 on sm_90, 32-bit offsets: 96-154 registers for bf16
+# K/V, 223-243 for fp8; tune_h100.json "int32_offsets". Capping bf16 at 96 registers for five was
+# up to 8% slower: "decode_register_cap"). The split count targets waves of them (bf16: 8
 # programs an SM, fp8: 4; fp8 at 8 was 7-10% slower at 32x4096 and 128x2048, 2% at 64x16384, and
 # 2% faster on the ragged batch: tune_h100.json "fp8_split_waves"), and avoids part-empty last
 # waves: bf16 32x4096 takes 4 splits, not 5 (196 vs 207 us).
@@ -174,7 +175,7 @@ def _attend_tile(
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    MASKED: tl.constexpr, RUNTIME_MASK: tl.constexpr,
+    MASKED: tl.constexpr, RUNTIME_MASK: tl.constexpr, INT32_OFFSETS: tl.constexpr,
 ):
     """One online-softmax step over keys ``[tile * TILE_N, (tile + 1) * TILE_N) ∩ [0, key_end)``.
 
@@ -185,11 +186,16 @@ def _attend_tile(
     ``RUNTIME_MASK`` (with ``MASKED=False``): any tile of the range; key rows past ``key_end``
     re-read key ``key_end - 1`` (in bounds, no load masks) and the visibility mask applies only
     from tile ``mask_from`` on, under a branch, so one loop serves both kinds of tile.
+    ``INT32_OFFSETS``: every element's offset in the cache fits int32 (see
+    :func:`offsets_fit_int32`), so the K/V addresses are computed in 32 bits.
     """
     offs_n = tile * TILE_N + tl.arange(0, TILE_N)
     offs_d = tl.arange(0, HEAD_PAD)
     d_ok = offs_d < HEAD
     offs_row = offs_n
+    # Key rows are never negative: a page and a row in it by shift and mask, without the sign
+    # fix-ups of // and % on signed ints.
+    PAGE_SHIFT: tl.constexpr = BLOCK_SIZE.bit_length() - 1
     if RUNTIME_MASK:
         offs_row = tl.minimum(offs_n, key_end - 1)
     if MASKED:
@@ -199,13 +205,15 @@ def _attend_tile(
         # inside the sequence, so its entry is the sequence's). Pages of 256: decode 32x4096 3.7%
         # faster, prefill 8x2048 2.5%; pages of 64: decode 3%, prefill 0.9% slower (H200,
         # tune_h100.json "tile_block_id").
-        block = tl.load(bt_row_ptr + (tile * TILE_N) // BLOCK_SIZE).to(tl.int64)
+        block = tl.load(bt_row_ptr + ((tile * TILE_N) >> PAGE_SHIFT))
     elif MASKED:
         # Block ids only for keys in range: never reads table entries past the sequence's last block.
-        block = tl.load(bt_row_ptr + offs_n // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+        block = tl.load(bt_row_ptr + (offs_n >> PAGE_SHIFT), mask=key_ok, other=0)
     else:
-        block = tl.load(bt_row_ptr + offs_row // BLOCK_SIZE).to(tl.int64)
-    kv_off = (block * s_cb + (offs_row % BLOCK_SIZE) * s_cs)[:, None] + kvh * s_ch + offs_d[None, :] * s_cd
+        block = tl.load(bt_row_ptr + (offs_row >> PAGE_SHIFT))
+    if not INT32_OFFSETS:
+        block = block.to(tl.int64)
+    kv_off = (block * s_cb + (offs_row & (BLOCK_SIZE - 1)) * s_cs)[:, None] + kvh * s_ch + offs_d[None, :] * s_cd
     if MASKED:
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(cache_ptr + kv_off, mask=kv_mask, other=0.0)
@@ -285,7 +293,7 @@ def _attend_range(
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr,
-    ONE_KEY_LOOP: tl.constexpr,
+    ONE_KEY_LOOP: tl.constexpr, INT32_OFFSETS: tl.constexpr,
 ):
     """Key tiles ``[first_tile, last_tile)``: the mask-free ones (see :func:`_unmasked_tiles_end`)
     first, then the ones that need bounds and masks.
@@ -303,6 +311,7 @@ def _attend_range(
                 acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, slopes,
                 qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
                 HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False, True,
+                INT32_OFFSETS,
             )
     else:
         for tile in range(first_tile, mid_tile):
@@ -310,12 +319,14 @@ def _attend_range(
                 acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, slopes,
                 qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
                 HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, False, False,
+                INT32_OFFSETS,
             )
         for tile in range(mid_tile, last_tile):
             acc, m_i, l_i = _attend_tile(
                 acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, tile, key_end, q_pos, slopes,
                 qk_scale, window, softcap, mid_tile, s_ckv, s_cb, s_cs, s_ch, s_cd,
                 HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, True, False,
+                INT32_OFFSETS,
             )
     return acc, m_i, l_i
 
@@ -440,7 +451,7 @@ def _paged_attention_kernel(
     NUM_SPLITS: tl.constexpr, FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr,
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
     MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr, ONE_KEY_LOOP: tl.constexpr, USE_GDC: tl.constexpr,
-    EARLY_LAUNCH_NEXT: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    EARLY_LAUNCH_NEXT: tl.constexpr, HEADS_FIRST: tl.constexpr, INT32_OFFSETS: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_GDC, EARLY_LAUNCH_NEXT)
     q_block, kvh, num_q_blocks = _program_tile(NUM_HEADS // G, HEADS_FIRST)
@@ -500,6 +511,7 @@ def _paged_attention_kernel(
         acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, context + local * BLOCK_Q, key_end,
         q_pos, slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
         HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
+        INT32_OFFSETS,
     )
     if not EARLY_LAUNCH_NEXT:
         _launch_next_kernel(USE_GDC)
@@ -576,12 +588,12 @@ def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_le
 def kernel_constexprs(
     *, group: int, num_heads: int, head_size: int, block_size: int, block_m: int, tile_n: int, num_splits: int,
     fused_reduce: bool, max_context: int, max_query_len: int, fp8: bool, dot_fp32: bool, window: bool = False,
-    alibi: bool = False, softcap: bool = False, kernel: str = "paged_attention",
+    int32_offsets: bool, alibi: bool = False, softcap: bool = False, kernel: str = "paged_attention",
 ) -> dict:
     """The constexprs both attention kernels take, from static shapes (this module's constants read
     now). Their launch plans and the ahead-of-time builds (``_aot``) all derive them here; ``USE_GDC``
     comes with the launch (:func:`launch_constexprs`). ``kernel``: ``"paged_attention"`` or
-    ``"store_and_decode"``."""
+    ``"store_and_decode"``; ``int32_offsets``: :func:`offsets_fit_int32` of the cache."""
     return dict(
         G=group, NUM_HEADS=num_heads, HEAD=head_size, HEAD_PAD=_jit.next_power_of_2(head_size),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, TILE_N=tile_n, NUM_SPLITS=num_splits, FUSED_REDUCE=fused_reduce,
@@ -589,8 +601,17 @@ def kernel_constexprs(
         FP8_DOT_FP16=FP8_DOT_FP16, MERGE_CHUNK=merge_chunk(num_splits, block_m),
         ONE_KEY_LOOP=one_key_loop(max_context=max_context, tile_n=tile_n, num_splits=num_splits,
                                   max_query_len=max_query_len),
-        EARLY_LAUNCH_NEXT=EARLY_LAUNCH_NEXT[kernel], HEADS_FIRST=HEADS_FIRST[kernel],
+        EARLY_LAUNCH_NEXT=EARLY_LAUNCH_NEXT[kernel], HEADS_FIRST=HEADS_FIRST[kernel], INT32_OFFSETS=int32_offsets,
     )
+
+
+def offsets_fit_int32(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is at most 2**31 - 1 elements from its first (strides may
+    order its dimensions any way). Then the kernels address the cache with 32-bit offsets: sm_90
+    SASS of the decode key loop 436 -> 291 instructions, fp8 1,263 -> 897, prefill 651 -> 597
+    (Triton 3.6); fp8 decode 3% faster, prefill 1%, bf16 decode level (H200, tune_h100.json
+    "int32_offsets"). Larger caches (over 4 GB of bf16 per layer) take 64-bit offsets."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) < 2**31
 
 
 def attention_grid(row_blocks: int, kv_heads: int, num_splits: int, heads_first: bool) -> tuple[int, int, int]:
@@ -802,6 +823,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
             tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
             max_context=max_context, max_query_len=max_query_len, fp8=fp8,
             dot_fp32=interpret or q.dtype == torch.float32, window=bool(sliding_window),
+            int32_offsets=offsets_fit_int32(kv_cache),
             alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
         BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, num_warps=num_warps, num_stages=num_stages, **launch,
     )

@@ -44,6 +44,7 @@ from .paged_attention import (
     launch_constexprs,
     launch_planned,
     num_sms,
+    offsets_fit_int32,
     split_workspace,
     tile_config,
 )
@@ -62,7 +63,7 @@ def _store_and_decode_kernel(
     FUSED_REDUCE: tl.constexpr, USE_WINDOW: tl.constexpr, USE_ALIBI: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr, DOT_FP32: tl.constexpr,
     FP8_DOT_FP16: tl.constexpr, MERGE_CHUNK: tl.constexpr, ONE_KEY_LOOP: tl.constexpr, USE_GDC: tl.constexpr,
-    EARLY_LAUNCH_NEXT: tl.constexpr, HEADS_FIRST: tl.constexpr,
+    EARLY_LAUNCH_NEXT: tl.constexpr, HEADS_FIRST: tl.constexpr, INT32_OFFSETS: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_GDC, EARLY_LAUNCH_NEXT)
     b, kvh, _ = _program_tile(NUM_HEADS // G, HEADS_FIRST)
@@ -136,6 +137,7 @@ def _store_and_decode_kernel(
         acc, m_i, l_i, q, cache_ptr, bt_row_ptr, kvh, first_tile, last_tile, pos - 1, pos, q_pos,
         slopes, qk_scale, window, softcap, s_ckv, s_cb, s_cs, s_ch, s_cd,
         HEAD, HEAD_PAD, BLOCK_SIZE, TILE_N, USE_WINDOW, USE_ALIBI, USE_SOFTCAP, DOT_FP32, ONE_KEY_LOOP,
+        INT32_OFFSETS,
     )
     if not EARLY_LAUNCH_NEXT:
         _launch_next_kernel(USE_GDC)
@@ -191,8 +193,8 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
             group=group, num_heads=num_heads, head_size=head_size, block_size=block_size, block_m=block_m,
             tile_n=tile_n, num_splits=num_splits, fused_reduce=num_splits > 1 and reduce_launch is None,
             max_context=max_context, max_query_len=1, fp8=fp8, dot_fp32=interpret or q.dtype == torch.float32,
-            window=bool(sliding_window), alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap),
-            kernel="store_and_decode"),
+            window=bool(sliding_window), int32_offsets=offsets_fit_int32(kv_cache), alibi=alibi_slopes is not None,
+            softcap=bool(logits_soft_cap), kernel="store_and_decode"),
         FP8_MAX=FP8_E4M3_MAX, ROUND_FP8=interpret, num_warps=num_warps, num_stages=num_stages, **launch,
     )
     grid = attention_grid(num_seqs, kv_heads, num_splits, constexprs["HEADS_FIRST"])
