@@ -6,10 +6,10 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
-``fp8-decode``, ``heads-first``, ``both-kernels`` (see ``SWEEPS``).
+``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
-``--cases TEXT`` keeps the cases whose name holds TEXT.
+``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16).
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 the cache is in the memory order the package allocates for it (``bench.default_layout``: fp8
 head-major), or as ``--head-major-pages`` / ``--token-major-pages`` say (see ``bench.build_workload``).
@@ -214,6 +214,10 @@ HEADS_FIRST_CASES = [(name, kv, backend, HEADS_FIRST_CONFIGS) for name, kv, back
 # --sweep both-kernels: every benchmark case once as the package is, and the unified kernel's decode
 # too (an A/B of checkouts that change both kernels).
 BOTH_KERNELS_CASES = [(name, kv, backend, [{}]) for name, kv, backend, _ in HEADS_FIRST_CASES]
+# --sweep short-split-tiles: batch-1 decode (splits of one 64-key tile) with 64-key tiles or two of
+# SHORT_SPLIT_TILE_N keys, both kernels, three times.
+SHORT_SPLIT_TILES_CASES = [("decode 1x4096", "bf16", backend, [dict(SHORT_SPLIT_TILE_N=64), {}] * 3)
+                           for backend in ("trtllm", "triton")]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -223,7 +227,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "order-pdl": ORDER_PDL_CASES, "pdl-small-grid": PDL_SMALL_GRID_CASES,
           "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES,
           "fp8-decode": FP8_DECODE_CASES, "heads-first": HEADS_FIRST_CASES,
-          "both-kernels": BOTH_KERNELS_CASES}
+          "both-kernels": BOTH_KERNELS_CASES, "short-split-tiles": SHORT_SPLIT_TILES_CASES}
 
 
 def all_cases() -> dict:
@@ -281,6 +285,7 @@ def main() -> None:
                        help="cache memory [2, blocks, kv_heads, block_size, D] (see bench.build_workload)")
     pages.add_argument("--token-major-pages", action="store_true", help="cache memory [2, blocks, block_size, kv_heads, D]")
     parser.add_argument("--cases", default="", help="only the cases whose name contains this")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens a page (the benchmark's: 16)")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
@@ -292,8 +297,9 @@ def main() -> None:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.bench_spec(kv)
         pages = True if args.head_major_pages else False if args.token_major_pages else None  # None: as allocated
-        workload = bench.build_workload(cases[name], spec, block_size=16, dtype=torch.bfloat16, device="cuda",
-                                        contiguous_pages=args.contiguous_pages, head_major_pages=pages)
+        workload = bench.build_workload(cases[name], spec, block_size=args.block_size, dtype=torch.bfloat16,
+                                        device="cuda", contiguous_pages=args.contiguous_pages,
+                                        head_major_pages=pages)
         head_major = cache_layout(workload.kv_cache) == "head_major"
         configs = configurations(sweep)
         defaults = {k: getattr(pa, k) for config in configs for k in config}
@@ -304,6 +310,8 @@ def main() -> None:
             row = {"case": name, "kv": kv, "backend": backend, **config}
             if args.contiguous_pages:
                 row["pages"] = "contiguous"
+            if args.block_size != 16:
+                row["block_size"] = args.block_size
             if head_major:
                 row["layout"] = "head-major"
             try:

@@ -1169,6 +1169,20 @@ def test_one_key_loop_only_for_short_decode_splits():
     assert not one_loop(256, 64, 1, max_query_len=2048), "prefill keeps its mask-free loop"
 
 
+def test_short_split_tiles_only_for_splits_of_one_tile():
+    """Two 32-key tiles where a bf16 decode split holds one 64-key tile over pages smaller than it
+    (batch 1 on an H100: 64 splits of 4096 keys, pages of 16); every other bucket keeps its tile."""
+    def tile(context, splits, max_query_len=1, fp8=False, tile_n=64, block_size=16):
+        return pa_mod.short_split_tile_n(tile_n, max_context=context, num_splits=splits,
+                                         max_query_len=max_query_len, fp8=fp8, block_size=block_size)
+
+    assert tile(4096, 64) == 32 and tile(1024, 16) == 32 and tile(4096, 64, max_query_len=4) == 32
+    assert tile(4096, 32) == 64 and tile(4096 + 16, 64) == 64, "65 keys a split: two tiles already"
+    assert tile(4096, 64, max_query_len=9) == 64, "prefill buckets keep their tiles"
+    assert tile(4096, 64, fp8=True, tile_n=128) == 128 and tile(2048, 64, tile_n=32) == 32
+    assert tile(4096, 64, block_size=32) == 32 and tile(4096, 64, block_size=64) == 64, "a page holds the tile"
+
+
 def test_store_and_decode_fp8_many_splits_in_one_loop(interpreter, monkeypatch):
     """The shape of fp8 batch-1 decode on an H100 (16 splits of a few tiles each, walked in one
     loop, merged in the kernel by the last split), scaled down: 517 keys in 16-key tiles, 16 splits."""

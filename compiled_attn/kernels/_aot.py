@@ -120,6 +120,8 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=False,
         fp8=fp8, hopper=hopper)
     splits = num_splits or (4 if decode else 1)
+    tile_n = pa.short_split_tile_n(tile_n, max_context=max_context, num_splits=splits, max_query_len=max_query_len,
+                                   fp8=fp8, block_size=block_size)
     constexprs = dict(
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=splits,
@@ -136,6 +138,8 @@ def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bo
     default as the launch decides; ``int32_offsets``: the cache's size class)."""
     block_m, _, tile_n, warps, stages = pa.tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=False, fp8=fp8)
+    tile_n = pa.short_split_tile_n(tile_n, max_context=max_context, num_splits=num_splits, max_query_len=1, fp8=fp8,
+                                   block_size=block_size)
     if fused is None:
         fused = 1 < num_splits <= pa.fused_max_splits("store_and_decode")
     constexprs = dict(

@@ -60,6 +60,9 @@ DECODE_BLOCK_M = 16  # smallest tl.dot M; decode rows are G heads of one token
 TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128), prefill-shaped steps
 DECODE_TILE_N_GPU = 64  # the same for decode-shaped steps (max_query_len <= SPLIT_MAX_QUERY_LEN)
 DECODE_TILE_N_GPU_FP8 = 128  # fp8 K/V: twice the keys for the same bytes per tile
+# bf16/fp16 decode splits of one key tile over pages smaller than it (batch 1: 64 splits of 64 keys)
+# walk it as two tiles of this many keys, which pipeline where one tile cannot (see short_split_tile_n).
+SHORT_SPLIT_TILE_N = 32
 TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
 TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
 DECODE_NUM_WARPS = 4
@@ -576,6 +579,22 @@ def choose_num_splits(
         min_keys=SPLIT_MIN_KEYS_FP8 if fp8 else SPLIT_MIN_KEYS, max_splits=MAX_SPLITS, resident_per_sm=resident)
 
 
+def short_split_tile_n(tile_n: int, *, max_context: int, num_splits: int, max_query_len: int, fp8: bool,
+                       block_size: int) -> int:
+    """``tile_n``, or ``SHORT_SPLIT_TILE_N`` for a bf16/fp16 decode bucket whose splits hold at most
+    one tile of the longest context the block table addresses, over pages smaller than the tile: a
+    program of one tile waits for all of its K/V at once, one of two smaller tiles starts on the
+    first while the second arrives. Batch-1 decode on an H100 (64 splits of 64 keys,
+    tune_h100.json "short_split_tiles"): pages of 16 12.5-12.8 -> 12.0-12.7 us; pages of 64
+    level; pages of 256, where a 64-key tile is one block-table entry, 11.9-12.0 -> 12.4-12.6,
+    so pages that hold a tile keep it. 32-key tiles on longer splits were slower (15.2 against
+    14.4 us before one-loop splits). fp8 splits hold at least two tiles (``SPLIT_MIN_KEYS_FP8``)."""
+    if (max_query_len <= SPLIT_MAX_QUERY_LEN and not fp8 and block_size < tile_n
+            and math.ceil(max_context / num_splits) <= tile_n):
+        return min(tile_n, SHORT_SPLIT_TILE_N)
+    return tile_n
+
+
 def one_key_loop(*, max_context: int, tile_n: int, num_splits: int, max_query_len: int) -> bool:
     """Whether a launch walks its key tiles in one loop (see :func:`_attend_range`): decode-shaped
     buckets whose splits hold at most ``ONE_LOOP_MAX_TILES`` tiles of the longest context the
@@ -799,7 +818,6 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret,
         fp8=fp8, hopper=compute_capability(q.device) >= (9, 0),
         mean_query_len=q.shape[0] / max(seq_lens.shape[0], 1))
-    tile_n = tile_n or default_tile_n
     num_q_blocks = num_tokens // block_q + num_seqs
     max_context = block_table.shape[1] * block_size
     if not num_splits:
@@ -807,6 +825,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         num_splits = choose_num_splits(
             num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=max_context,
             max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=fp8)
+    tile_n = tile_n or short_split_tile_n(default_tile_n, max_context=max_context, num_splits=num_splits,
+                                          max_query_len=max_query_len, fp8=fp8, block_size=block_size)
     launch = launch_constexprs(q)
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,

@@ -45,6 +45,7 @@ from .paged_attention import (
     launch_planned,
     num_sms,
     offsets_fit_int32,
+    short_split_tile_n,
     split_workspace,
     tile_config,
 )
@@ -170,12 +171,13 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_m, _, default_tile_n, num_warps, num_stages = tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=1, interpret=interpret, fp8=fp8)
-    tile_n = tile_n or default_tile_n
     max_context = block_table.shape[1] * block_size
     if not num_splits:
         num_splits = choose_num_splits(
             num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=max_context,
             max_query_len=1, num_sms=num_sms(q.device), fp8=fp8)
+    tile_n = tile_n or short_split_tile_n(default_tile_n, max_context=max_context, num_splits=num_splits,
+                                          max_query_len=1, fp8=fp8, block_size=block_size)
     # The reduction reads validity from seq_lens (padding sequences have length 0), so its
     # query_start_loc argument is a placeholder.
     launch = launch_constexprs(q)
