@@ -1148,13 +1148,12 @@ def test_gpu_cache_past_int32_offsets(compiled, fp8):
     for cache, meta, shift in ((small.clone(), b.meta, 0), (large, shifted, top * case.block_size)):
         decode_outs.append(sd_mod.store_and_decode(q, k, v, cache, meta.seq_lens, meta.block_table, slots + shift,
                                                    torch.empty_like(q), **kw))
-        stored = cache
     ref = sd_mod.store_and_decode_reference(q, k, v, small.clone(), b.meta.seq_lens, b.meta.block_table, slots, **kw)
     assert rel_error(decode_outs[0], ref) <= TOLERANCE[case.dtype]
     assert rel_error(decode_outs[1], decode_outs[0]) <= TOLERANCE[case.dtype]
     small_after = small.clone()
     sk_mod.store_kv_reference(k, v, small_after, slots, b.k_scale, b.v_scale)
-    assert_cache_matches(stored[:, top:], small_after, b.used_blocks, small)
+    assert_cache_matches(large[:, top:], small_after, b.used_blocks, small)
 
 
 def test_one_key_loop_only_for_short_decode_splits():
