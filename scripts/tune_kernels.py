@@ -6,8 +6,8 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``fp8-dot``, ``schedule``, ``defaults``, ``splits``, ``prefill``, ``stages``, ``warps``,
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
-``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles`` (see
-``SWEEPS``).
+``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
+``small-grid-tiles`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16).
@@ -219,6 +219,12 @@ BOTH_KERNELS_CASES = [(name, kv, backend, [{}]) for name, kv, backend, _ in HEAD
 # SHORT_SPLIT_TILE_N keys, both kernels, three times.
 SHORT_SPLIT_TILES_CASES = [("decode 1x4096", "bf16", backend, [dict(SHORT_SPLIT_TILE_N=64), {}] * 3)
                            for backend in ("trtllm", "triton")]
+# --sweep small-grid-tiles: batch-1 bf16 decode with two-tile splits against deeper pipelines,
+# 16-key tiles (one page a tile on pages of 16) and 32 splits of four 32-key tiles, three times.
+SMALL_GRID_TILES = [{}, dict(DECODE_NUM_STAGES=5), dict(DECODE_NUM_STAGES=6), dict(SHORT_SPLIT_TILE_N=16),
+                    dict(SPLIT_MIN_KEYS=128, DECODE_TILE_N_GPU=32),
+                    dict(SPLIT_MIN_KEYS=128, DECODE_TILE_N_GPU=32, DECODE_NUM_STAGES=6)] * 3
+SMALL_GRID_TILES_CASES = [("decode 1x4096", "bf16", backend, SMALL_GRID_TILES) for backend in ("trtllm", "triton")]
 # --sweep fp8-64-key-tiles: fp8 decode in 64-key tiles, which 32-bit offsets bring to 168 registers
 # (three programs an SM; 128-key tiles take 227-243, two), with the split count assuming two or
 # three resident programs, against the defaults, twice.
@@ -236,7 +242,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES,
           "fp8-decode": FP8_DECODE_CASES, "heads-first": HEADS_FIRST_CASES,
           "both-kernels": BOTH_KERNELS_CASES, "short-split-tiles": SHORT_SPLIT_TILES_CASES,
-          "fp8-64-key-tiles": FP8_64_KEY_TILES_CASES}
+          "fp8-64-key-tiles": FP8_64_KEY_TILES_CASES, "small-grid-tiles": SMALL_GRID_TILES_CASES}
 
 
 def all_cases() -> dict:
