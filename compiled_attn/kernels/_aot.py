@@ -99,13 +99,12 @@ class Launch:
                            num_stages=self.num_stages, arch=arch)
 
 
-def _constexprs(*, features: dict | None, int32_offsets: bool = True, **static) -> dict:
+def _constexprs(*, features: dict | None, **static) -> dict:
     """The launch plans' constexprs for these static shapes (``paged_attention.kernel_constexprs``,
     compiled-path choices: no fp32 dots; ``USE_GDC`` is set per arch by :func:`compile_for`);
-    ``features`` sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP; ``int32_offsets``: a cache whose
-    offsets fit int32, the usual case. Module constants are read now, so a patched one
-    (``scripts/kernel_asm.py --set``) counts."""
-    return dict(pa.kernel_constexprs(dot_fp32=False, int32_offsets=int32_offsets, **static), **(features or {}))
+    ``features`` sets USE_WINDOW / USE_ALIBI / USE_SOFTCAP. Module constants are read now, so a
+    patched one (``scripts/kernel_asm.py --set``) counts."""
+    return dict(pa.kernel_constexprs(dot_fp32=False, **static), **(features or {}))
 
 
 def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 128, hopper: bool = True,
