@@ -7,7 +7,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
-``small-grid-tiles`` (see ``SWEEPS``).
+``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16).
@@ -89,9 +89,10 @@ SPLITS_CASES = [
     ("decode 64x16384", "fp8", "trtllm", {"MAX_SPLITS": (1, 2, 3, 4)}),
     ("decode ragged 64x[256,8192]", "bf16", "trtllm", {"MAX_SPLITS": (2, 3, 4, 6, 8)}),
 ]
-# --sweep prefill: the Hopper prefill tiles (256 rows, 8 warps) against 128 rows with 4 or 8 warps.
-PREFILL_ROWS = [{}, dict(PREFILL_BLOCK_M=128, PREFILL_NUM_WARPS=4), dict(PREFILL_BLOCK_M=128, PREFILL_NUM_WARPS=8),
-                dict(NUM_STAGES=2)]
+WIDE_PREFILL = dict(PREFILL_BLOCK_M=256, PREFILL_NUM_WARPS=8)  # two warpgroups, one program an SM
+# --sweep prefill: the prefill tiles (128 rows, 4 warps) against 256 rows with 8 warps and 128 rows
+# with 8 warps.
+PREFILL_ROWS = [{}, WIDE_PREFILL, dict(PREFILL_NUM_WARPS=8), dict(WIDE_PREFILL, NUM_STAGES=2)]
 PREFILL_ROWS_CASES = [(name, "bf16", "triton", PREFILL_ROWS) for name in (
     "prefill 8x2048", "prefill 4x2048 over 8192 cached", "prefill 1x16384")]
 # --sweep stages: deeper K/V pipelines. The block-table load that feeds each K/V tile takes part
@@ -106,13 +107,15 @@ STAGES_CASES = [
     ("decode 32x4096", "fp8", "trtllm", {"DECODE_NUM_STAGES_FP8": (5, 7)}),
     *[(name, "bf16", "triton", {"NUM_STAGES": (3, 4, 5)}) for name in PREFILL_CASE_NAMES],
 ]
-# --sweep warps: fewer registers a thread. Prefill: 16 warps give each warpgroup 64 of the 256 rows
-# (128 registers, no spills with 32-key tiles, against 255 and spills at 8 warps / 64 keys);
-# 32-key tiles at 8 warps: 248, no spills. Decode: 2 warps a program (fewer cross-warp softmax
-# reductions), 146 registers at 32 keys (7 programs an SM), 217 at 64 (4).
-PREFILL_WARPS = [{}, dict(TILE_N_GPU=32), dict(TILE_N_GPU=32, NUM_STAGES=4), dict(PREFILL_NUM_WARPS=16),
-                 dict(PREFILL_NUM_WARPS=16, NUM_STAGES=4), dict(PREFILL_NUM_WARPS=16, TILE_N_GPU=32),
-                 dict(PREFILL_NUM_WARPS=16, TILE_N_GPU=32, NUM_STAGES=4)]
+# --sweep warps: fewer registers a thread. Prefill (256-row tiles on 8 warps, the default when it
+# ran): 16 warps give each warpgroup 64 of the 256 rows (128 registers, no spills with 32-key tiles,
+# against 255 and spills at 8 warps / 64 keys); 32-key tiles at 8 warps: 248, no spills. Decode: 2
+# warps a program (fewer cross-warp softmax reductions), 146 registers at 32 keys (7 programs an
+# SM), 217 at 64 (4).
+PREFILL_WARPS = [dict(WIDE_PREFILL, **config) for config in (
+    {}, dict(TILE_N_GPU=32), dict(TILE_N_GPU=32, NUM_STAGES=4), dict(PREFILL_NUM_WARPS=16),
+    dict(PREFILL_NUM_WARPS=16, NUM_STAGES=4), dict(PREFILL_NUM_WARPS=16, TILE_N_GPU=32),
+    dict(PREFILL_NUM_WARPS=16, TILE_N_GPU=32, NUM_STAGES=4))]
 DECODE_WARPS = [{}, dict(DECODE_NUM_WARPS=2, DECODE_TILE_N_GPU=32, DECODE_RESIDENT_PER_SM=7),
                 dict(DECODE_NUM_WARPS=2, DECODE_TILE_N_GPU=64, DECODE_RESIDENT_PER_SM=4)]
 WARPS_CASES = [
@@ -232,6 +235,21 @@ FP8_64_KEY_TILES = [{}, dict(DECODE_TILE_N_GPU_FP8=64, DECODE_RESIDENT_PER_SM_FP
                     dict(DECODE_TILE_N_GPU_FP8=64), dict(DECODE_TILE_N_GPU_FP8=64, DECODE_RESIDENT_PER_SM_FP8=3,
                                                          DECODE_NUM_STAGES_FP8=4)] * 2
 FP8_64_KEY_TILES_CASES = [(name, "fp8", "trtllm", FP8_64_KEY_TILES) for name in DECODE_CASE_NAMES]
+# --sweep prefill-two-programs: 128-row prefill tiles of one warpgroup (the default: 255 registers,
+# 98.5 KB of shared memory on sm_90, two programs an SM, each overlapping the other's prologue,
+# diagonal tile and epilogue) against 256 rows on two warpgroups (131 KB: one an SM) and 128 rows
+# with 2 stages, twice.
+PREFILL_TWO_PROGRAMS = [WIDE_PREFILL, {}, dict(NUM_STAGES=2)] * 2
+PREFILL_TWO_PROGRAMS_CASES = [(name, "bf16", "triton", PREFILL_TWO_PROGRAMS)
+                              for name in (*PREFILL_CASE_NAMES, "prefill 16x1024")] + [
+    (name, "fp8", "triton", PREFILL_TWO_PROGRAMS) for name in PREFILL_CASE_NAMES]
+# --sweep prefill-one-warpgroup: around the 128-row default, twice: the 256-row tile again, query
+# blocks in order, 32-key tiles (254 registers, no spills, 66 KB), and 64-row tiles (168 registers,
+# 83 KB: two an SM; with 32-key tiles and 4 stages 152 registers and 49 KB: three an SM).
+PREFILL_ONE_WARPGROUP = [{}, WIDE_PREFILL, dict(LONGEST_FIRST=False), dict(TILE_N_GPU=32, NUM_STAGES=4),
+                         dict(PREFILL_BLOCK_M=64), dict(PREFILL_BLOCK_M=64, TILE_N_GPU=32, NUM_STAGES=4)] * 2
+PREFILL_ONE_WARPGROUP_CASES = [(name, "bf16", "triton", PREFILL_ONE_WARPGROUP)
+                               for name in (*PREFILL_CASE_NAMES, "prefill 16x1024")]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -242,7 +260,9 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "launch-next": LAUNCH_NEXT_CASES, "pdl-check": PDL_CHECK_CASES,
           "fp8-decode": FP8_DECODE_CASES, "heads-first": HEADS_FIRST_CASES,
           "both-kernels": BOTH_KERNELS_CASES, "short-split-tiles": SHORT_SPLIT_TILES_CASES,
-          "fp8-64-key-tiles": FP8_64_KEY_TILES_CASES, "small-grid-tiles": SMALL_GRID_TILES_CASES}
+          "fp8-64-key-tiles": FP8_64_KEY_TILES_CASES, "small-grid-tiles": SMALL_GRID_TILES_CASES,
+          "prefill-two-programs": PREFILL_TWO_PROGRAMS_CASES,
+          "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES}
 
 
 def all_cases() -> dict:

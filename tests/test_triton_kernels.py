@@ -1014,24 +1014,22 @@ def test_programmatic_launch_only_for_real_launches(monkeypatch):
 
 def test_tile_config_by_device_and_bucket():
     config = functools.partial(pa_mod.tile_config, num_queries_per_kv=4, interpret=False)
-    # Hopper prefill: 256 rows (64 tokens x 4 heads), 8 warps, when the average sequence fills a tile.
-    assert config(head_size=128, max_query_len=2048, hopper=True, mean_query_len=2048)[:2] == (256, 64)
-    assert config(head_size=128, max_query_len=2048, hopper=True, mean_query_len=2048)[3] == 8
-    # A chunked-prefill step that is mostly decodes (512 + 200 x 1 tokens) keeps 128 rows.
-    assert config(head_size=128, max_query_len=512, hopper=True, mean_query_len=712 / 201)[:2] == (128, 32)
-    # Larger heads, and GPUs before Hopper (shared memory): 128 rows, or 64 for 256-wide heads.
-    assert config(head_size=256, max_query_len=2048, hopper=True, mean_query_len=2048)[0] == 128
-    assert config(head_size=128, max_query_len=2048, hopper=False, mean_query_len=2048)[:2] == (128, 32)
-    assert config(head_size=256, max_query_len=2048, hopper=False, mean_query_len=2048)[0] == 64
+    # Prefill: 128 rows (32 tokens x 4 heads) on one warpgroup, so two programs share a Hopper SM.
+    assert config(head_size=128, max_query_len=2048, hopper=True)[:2] == (128, 32)
+    assert config(head_size=128, max_query_len=2048, hopper=True)[3] == 4
+    assert config(head_size=128, max_query_len=2048, hopper=False)[:2] == (128, 32)
+    # 256-wide heads: 128 rows on Hopper, 64 before it (shared memory).
+    assert config(head_size=256, max_query_len=2048, hopper=True)[0] == 128
+    assert config(head_size=256, max_query_len=2048, hopper=False)[0] == 64
     # Decode buckets: the group's rows, at least 16 (the smallest dot).
     assert config(head_size=128, max_query_len=1, hopper=True)[:2] == (16, 4)
 
 
 @pytest.mark.parametrize("name", ["prefill_gqa2_fp32", "mixed_gqa4_bs32_window", "mixed_everything_d96"])
 def test_paged_attention_with_256_row_tiles(interpreter, monkeypatch, name):
-    """The Hopper prefill tiles (256 rows: 64 tokens x 4 heads, or 128 x 2) under the interpreter,
-    which otherwise takes the 128-row ones: query blocks longer than every sequence here."""
-    monkeypatch.setattr(pa_mod, "SMALL_PREFILL_BLOCK_M", 256)
+    """256-row prefill tiles (64 tokens x 4 heads, or 128 x 2; the tunable's other measured value)
+    under the interpreter: query blocks longer than every sequence here."""
+    monkeypatch.setattr(pa_mod, "PREFILL_BLOCK_M", 256)
     check_attention_case(ATTENTION_CASES[name])
 
 

@@ -51,10 +51,12 @@ from . import _jit
 
 # ---- tunables (not autotuned: one config per static shape keeps CUDA-graph capture simple) ----
 # Values from benchmarks/tune_h100.json (H100, scripts/tune_kernels.py, graph-replayed).
-PREFILL_BLOCK_M = 256  # query rows (tokens x heads of a group) per prefill program: Hopper, heads <= 128
-PREFILL_NUM_WARPS = 8  # (two warpgroups; 131 KB of shared memory)
-SMALL_PREFILL_BLOCK_M = 128  # other GPUs (Ada has 99 KB of shared memory a block) and larger heads
-SMALL_PREFILL_NUM_WARPS = 4
+# Query rows (tokens x heads of a group) per prefill program, one warpgroup: on sm_90 (Triton 3.6)
+# 255 registers and 98.5 KB of shared memory, so two programs share an SM and each one's prologue,
+# diagonal tile and epilogue overlap the other's key loop. 256 rows on two warpgroups (131 KB, one
+# an SM) were 4-6% slower on every prefill case (tune_h100.json "prefill_two_programs").
+PREFILL_BLOCK_M = 128
+PREFILL_NUM_WARPS = 4
 DECODE_MAX_BLOCK_M = 128  # spec-decode rows (query tokens x group) per program, at most
 DECODE_BLOCK_M = 16  # smallest tl.dot M; decode rows are G heads of one token
 TILE_N_GPU = 64  # keys per inner iteration on GPU (head_size <= 128), prefill-shaped steps
@@ -672,16 +674,10 @@ def merge_chunk(num_splits: int, block_m: int) -> int:
 
 def tile_config(
     *, num_queries_per_kv: int, head_size: int, max_query_len: int, interpret: bool, fp8: bool = False,
-    hopper: bool = False, mean_query_len: float | None = None,
+    hopper: bool = False,
 ) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_Q, TILE_N, num_warps, num_stages) for a static shape (``fp8``: fp8 K/V;
-    ``hopper``: an sm_90+ GPU, whose shared memory takes 256-row prefill tiles).
-
-    ``mean_query_len`` (the bucket's tokens per sequence): 256-row tiles only where the average
-    sequence fills one. A chunked-prefill step that is mostly decodes keeps 128-row tiles: every
-    decode row of a mixed step computes a whole tile, and twice the rows would make those
-    memory-bound sequences compute-bound.
-    """
+    ``hopper``: an sm_90+ GPU, whose shared memory takes 128-row tiles of 256-wide heads)."""
     group_pad = _jit.next_power_of_2(num_queries_per_kv)
     if max_query_len <= SPLIT_MAX_QUERY_LEN:
         block_m = max(DECODE_BLOCK_M, _jit.next_power_of_2(num_queries_per_kv * max(max_query_len, 1)))
@@ -689,14 +685,11 @@ def tile_config(
         num_warps, num_stages, tile_n = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_TILE_N_GPU
         if fp8:
             num_warps, num_stages, tile_n = DECODE_NUM_WARPS_FP8, DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
-    elif hopper and head_size <= 128 and (mean_query_len or math.inf) * num_queries_per_kv >= PREFILL_BLOCK_M:
+    else:
         block_m = max(PREFILL_BLOCK_M, group_pad)
         num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
-    else:
-        block_m = max(SMALL_PREFILL_BLOCK_M, group_pad)
-        num_warps, num_stages, tile_n = SMALL_PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
         if head_size > 128 and not hopper:  # 128 rows of a 256-wide head: 104 KB of shared memory
-            block_m = max(SMALL_PREFILL_BLOCK_M // 2, group_pad)
+            block_m = max(PREFILL_BLOCK_M // 2, group_pad)
     if interpret:
         tile_n = TILE_N_INTERPRETER
     elif head_size > 128:
@@ -816,8 +809,7 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
     fp8 = kv_cache.dtype == torch.float8_e4m3fn
     block_m, block_q, default_tile_n, num_warps, num_stages = tile_config(
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret,
-        fp8=fp8, hopper=compute_capability(q.device) >= (9, 0),
-        mean_query_len=q.shape[0] / max(seq_lens.shape[0], 1))
+        fp8=fp8, hopper=compute_capability(q.device) >= (9, 0))
     num_q_blocks = num_tokens // block_q + num_seqs
     max_context = block_table.shape[1] * block_size
     if not num_splits:
