@@ -7,7 +7,8 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``small-grid``, ``fp8-splits``, ``small-grid-stages``, ``one-loop``, ``small-grid-merge``,
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
-``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup`` (see ``SWEEPS``).
+``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
+``decode-32-key-tiles`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16).
@@ -239,10 +240,12 @@ FP8_64_KEY_TILES_CASES = [(name, "fp8", "trtllm", FP8_64_KEY_TILES) for name in 
 # 98.5 KB of shared memory on sm_90, two programs an SM, each overlapping the other's prologue,
 # diagonal tile and epilogue) against 256 rows on two warpgroups (131 KB: one an SM) and 128 rows
 # with 2 stages, twice.
+# The same for fp8 K/V, whose prefill takes its own stage count (NUM_STAGES_FP8, 2 since this sweep).
 PREFILL_TWO_PROGRAMS = [WIDE_PREFILL, {}, dict(NUM_STAGES=2)] * 2
+PREFILL_TWO_PROGRAMS_FP8 = [dict(WIDE_PREFILL, NUM_STAGES_FP8=3), dict(NUM_STAGES_FP8=3), {}] * 2
 PREFILL_TWO_PROGRAMS_CASES = [(name, "bf16", "triton", PREFILL_TWO_PROGRAMS)
                               for name in (*PREFILL_CASE_NAMES, "prefill 16x1024")] + [
-    (name, "fp8", "triton", PREFILL_TWO_PROGRAMS) for name in PREFILL_CASE_NAMES]
+    (name, "fp8", "triton", PREFILL_TWO_PROGRAMS_FP8) for name in PREFILL_CASE_NAMES]
 # --sweep prefill-one-warpgroup: around the 128-row default, twice: the 256-row tile again, query
 # blocks in order, 32-key tiles (254 registers, no spills, 66 KB), and 64-row tiles (168 registers,
 # 83 KB: two an SM; with 32-key tiles and 4 stages 152 registers and 49 KB: three an SM).
@@ -250,6 +253,13 @@ PREFILL_ONE_WARPGROUP = [{}, WIDE_PREFILL, dict(LONGEST_FIRST=False), dict(TILE_
                          dict(PREFILL_BLOCK_M=64), dict(PREFILL_BLOCK_M=64, TILE_N_GPU=32, NUM_STAGES=4)] * 2
 PREFILL_ONE_WARPGROUP_CASES = [(name, "bf16", "triton", PREFILL_ONE_WARPGROUP)
                                for name in (*PREFILL_CASE_NAMES, "prefill 16x1024")]
+# --sweep decode-32-key-tiles: bf16 decode walking 32-key tiles with two or three K/V buffers (on
+# sm_90, Triton 3.6: 5 stages 94 registers and 38 KB, five programs an SM; 4 stages 80 and 22 KB,
+# six; 7 stages 96 and 55 KB, four) against 64-key tiles with one buffer (102, 39 KB), twice.
+DECODE_32_KEY_TILES = [{}, dict(DECODE_TILE_N_GPU=32, DECODE_NUM_STAGES=5, DECODE_RESIDENT_PER_SM=5),
+                       dict(DECODE_TILE_N_GPU=32, DECODE_RESIDENT_PER_SM=6),
+                       dict(DECODE_TILE_N_GPU=32, DECODE_NUM_STAGES=7)] * 2
+DECODE_32_KEY_TILES_CASES = [(name, "bf16", "trtllm", DECODE_32_KEY_TILES) for name in DECODE_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -262,7 +272,8 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "both-kernels": BOTH_KERNELS_CASES, "short-split-tiles": SHORT_SPLIT_TILES_CASES,
           "fp8-64-key-tiles": FP8_64_KEY_TILES_CASES, "small-grid-tiles": SMALL_GRID_TILES_CASES,
           "prefill-two-programs": PREFILL_TWO_PROGRAMS_CASES,
-          "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES}
+          "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES,
+          "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES}
 
 
 def all_cases() -> dict:

@@ -1016,7 +1016,8 @@ def test_tile_config_by_device_and_bucket():
     config = functools.partial(pa_mod.tile_config, num_queries_per_kv=4, interpret=False)
     # Prefill: 128 rows (32 tokens x 4 heads) on one warpgroup, so two programs share a Hopper SM.
     assert config(head_size=128, max_query_len=2048, hopper=True)[:2] == (128, 32)
-    assert config(head_size=128, max_query_len=2048, hopper=True)[3] == 4
+    assert config(head_size=128, max_query_len=2048, hopper=True)[3:] == (4, 3)
+    assert config(head_size=128, max_query_len=2048, hopper=True, fp8=True)[3:] == (4, 2)  # one K/V buffer
     assert config(head_size=128, max_query_len=2048, hopper=False)[:2] == (128, 32)
     # 256-wide heads: 128 rows on Hopper, 64 before it (shared memory).
     assert config(head_size=256, max_query_len=2048, hopper=True)[0] == 128

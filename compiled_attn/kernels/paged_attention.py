@@ -70,6 +70,9 @@ TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: 
 DECODE_NUM_WARPS = 4
 DECODE_NUM_WARPS_FP8 = 4
 NUM_STAGES = 3  # software pipelining depth of the key loop, prefill-shaped steps
+# fp8 K/V: 2 (one K/V buffer); 3.5% faster than 3 on every prefill case (H100, two rounds:
+# tune_h100.json "prefill_two_programs")
+NUM_STAGES_FP8 = 2
 DECODE_NUM_STAGES = 4  # the same for decode-shaped steps
 DECODE_NUM_STAGES_FP8 = 5
 SPLIT_MAX_QUERY_LEN = 8  # split the context only for decode / spec-decode buckets
@@ -687,7 +690,7 @@ def tile_config(
             num_warps, num_stages, tile_n = DECODE_NUM_WARPS_FP8, DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
     else:
         block_m = max(PREFILL_BLOCK_M, group_pad)
-        num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES, TILE_N_GPU
+        num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES_FP8 if fp8 else NUM_STAGES, TILE_N_GPU
         if head_size > 128 and not hopper:  # 128 rows of a 256-wide head: 104 KB of shared memory
             block_m = max(PREFILL_BLOCK_M // 2, group_pad)
     if interpret:
