@@ -8,7 +8,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
-``decode-32-key-tiles`` (see ``SWEEPS``).
+``decode-32-key-tiles``, ``prefill-order`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16).
@@ -260,6 +260,12 @@ DECODE_32_KEY_TILES = [{}, dict(DECODE_TILE_N_GPU=32, DECODE_NUM_STAGES=5, DECOD
                        dict(DECODE_TILE_N_GPU=32, DECODE_RESIDENT_PER_SM=6),
                        dict(DECODE_TILE_N_GPU=32, DECODE_NUM_STAGES=7)] * 2
 DECODE_32_KEY_TILES_CASES = [(name, "bf16", "trtllm", DECODE_32_KEY_TILES) for name in DECODE_CASE_NAMES]
+# --sweep prefill-order: with two prefill programs an SM, the unified kernel's program order again
+# (a query block's KV heads on consecutive programs or every block of a head first; longest
+# blocks first or in order), three times.
+PREFILL_ORDER = [{}, dict(HEADS_FIRST={"store_and_decode": True, "paged_attention": False}),
+                 dict(LONGEST_FIRST=False)] * 3
+PREFILL_ORDER_CASES = [(name, "bf16", "triton", PREFILL_ORDER) for name in (*PREFILL_CASE_NAMES, "prefill 16x1024")]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -273,7 +279,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "fp8-64-key-tiles": FP8_64_KEY_TILES_CASES, "small-grid-tiles": SMALL_GRID_TILES_CASES,
           "prefill-two-programs": PREFILL_TWO_PROGRAMS_CASES,
           "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES,
-          "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES}
+          "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES}
 
 
 def all_cases() -> dict:
