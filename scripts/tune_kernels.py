@@ -11,7 +11,8 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``decode-32-key-tiles``, ``prefill-order`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
-``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16).
+``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
+``--head-size N`` another head size than the benchmark's 128.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 the cache is in the memory order the package allocates for it (``bench.default_layout``: fp8
 head-major), or as ``--head-major-pages`` / ``--token-major-pages`` say (see ``bench.build_workload``).
@@ -23,6 +24,7 @@ are read at launch), then times the backend exactly as ``compiled-attn bench`` d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -338,6 +340,7 @@ def main() -> None:
     pages.add_argument("--token-major-pages", action="store_true", help="cache memory [2, blocks, block_size, kv_heads, D]")
     parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     parser.add_argument("--block-size", type=int, default=16, help="tokens a page (the benchmark's: 16)")
+    parser.add_argument("--head-size", type=int, default=None, help="another head size than the benchmark's 128")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
@@ -348,6 +351,8 @@ def main() -> None:
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
         spec = bench.bench_spec(kv)
+        if args.head_size:
+            spec = dataclasses.replace(spec, head_size=args.head_size)
         pages = True if args.head_major_pages else False if args.token_major_pages else None  # None: as allocated
         workload = bench.build_workload(cases[name], spec, block_size=args.block_size, dtype=torch.bfloat16,
                                         device="cuda", contiguous_pages=args.contiguous_pages,
@@ -364,6 +369,8 @@ def main() -> None:
                 row["pages"] = "contiguous"
             if args.block_size != 16:
                 row["block_size"] = args.block_size
+            if args.head_size:
+                row["head_size"] = args.head_size
             if head_major:
                 row["layout"] = "head-major"
             try:
