@@ -35,6 +35,15 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _online_softmax(acc, m_i, l_i, s, v, qk_scale):
+    """One key tile's step: scores ``s`` (natural units) into the running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _decode_probe(q_ptr, cache, bt_ptr, out_ptr, qk_scale, num_blocks, seq_lens_ptr, s_cb, s_ch, s_cs,
                   PAGES: tl.constexpr, KVH: tl.constexpr, G: tl.constexpr, D: tl.constexpr,
                   BM: tl.constexpr, PAGE: tl.constexpr, TILE_PAGES: tl.constexpr, TMA: tl.constexpr,
@@ -65,13 +74,7 @@ def _decode_probe(q_ptr, cache, bt_ptr, out_ptr, qk_scale, num_blocks, seq_lens_
             row = (block * KVH + head) * PAGE
             k = cache.load([row, 0])
             v = cache.load([v_rows + row, 0])
-            s = tl.dot(q, k.T)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, tl.dot(q, k.T), v, qk_scale)
     else:
         TILE_N: tl.constexpr = TILE_PAGES * PAGE
         offs_n = tl.arange(0, TILE_N)
@@ -90,13 +93,7 @@ def _decode_probe(q_ptr, cache, bt_ptr, out_ptr, qk_scale, num_blocks, seq_lens_
                 rows = (block * KVH + head) * PAGE + offs_n % PAGE
                 k = tl.load(cache + rows[:, None] * D + offs_d[None, :])
                 v = tl.load(cache + (v_rows + rows)[:, None] * D + offs_d[None, :])
-            s = tl.dot(q, k.T)
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            p = tl.exp2(s * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            acc, m_i, l_i = _online_softmax(acc, m_i, l_i, tl.dot(q, k.T), v, qk_scale)
         if TWO_LOOPS:
             for tile in tl.range(tiles, tl.cdiv(seq_len, TILE_N), num_stages=STAGES):
                 key_ok = tile * TILE_N + offs_n < seq_len
@@ -105,12 +102,7 @@ def _decode_probe(q_ptr, cache, bt_ptr, out_ptr, qk_scale, num_blocks, seq_lens_
                 k = tl.load(cache + rows[:, None] * D + offs_d[None, :], mask=key_ok[:, None], other=0.0)
                 v = tl.load(cache + (v_rows + rows)[:, None] * D + offs_d[None, :], mask=key_ok[:, None], other=0.0)
                 s = tl.where(key_ok[None, :], tl.dot(q, k.T), float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-                p = tl.exp2(s * qk_scale - m_new[:, None])
-                alpha = tl.exp2(m_i - m_new)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                acc, m_i, l_i = _online_softmax(acc, m_i, l_i, s, v, qk_scale)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (seq * KVH * G + head * G + offs_m)[:, None] * D + offs_d[None, :], out.to(q.dtype),
              mask=row_ok[:, None])
