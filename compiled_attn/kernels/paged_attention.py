@@ -54,8 +54,8 @@ from . import _jit
 # Query rows (tokens x heads of a group) per prefill program, one warpgroup: on sm_90 (Triton 3.6)
 # 255 registers and 98.5 KB of shared memory, so two programs share an SM and each one's prologue,
 # diagonal tile and epilogue overlap the other's key loop. 256 rows on two warpgroups (131 KB, one
-# an SM) were 4-6% slower on every prefill case at head size 128, 2-8% at 96 and 14-17% at 64
-# (tune_h100.json "prefill_two_programs", "prefill_two_programs_heads").
+# an SM) were slower on every prefill case: 3-6% on average at head size 128, 1-8% at 96, 13-17% at
+# 64 (tune_h100.json "prefill_two_programs", "prefill_two_programs_heads").
 PREFILL_BLOCK_M = 128
 PREFILL_NUM_WARPS = 4
 DECODE_MAX_BLOCK_M = 128  # spec-decode rows (query tokens x group) per program, at most
