@@ -51,3 +51,24 @@ def test_flex_peer_refuses_ragged_queries_and_fp8():
     with pytest.raises(ValueError, match="no fp8"):
         flex_paged_contender(compile=False)(workload)
 
+
+
+def test_bench_shape_at_another_head_size():
+    spec = bench.bench_spec("fp8", head_size=80)
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_size) == (32, 8, 80)
+    assert spec.kv_cache_dtype == "fp8_e4m3"
+    assert bench.bench_spec("bf16") == bench.LLAMA3_8B
+
+
+def test_bench_cli_takes_head_size_and_case_filter():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["bench", "--head-size", "192", "--cases", "prefill", "--json", "b.json"])
+    assert (args.head_size, args.cases) == (192, "prefill")
+    assert bench.command_line(args) == "compiled-attn bench --block-size 16 --head-size 192 --cases prefill --json b.json"
+    default = parser.parse_args(["bench"])
+    assert (default.head_size, default.cases) == (128, "")
+    with pytest.raises(SystemExit, match="no benchmark case"):
+        bench.main(parser.parse_args(["bench", "--cases", "no such case"]))
