@@ -8,7 +8,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
-``decode-32-key-tiles``, ``prefill-order`` (see ``SWEEPS``).
+``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -268,6 +268,13 @@ DECODE_32_KEY_TILES_CASES = [(name, "bf16", "trtllm", DECODE_32_KEY_TILES) for n
 PREFILL_ORDER = [{}, dict(HEADS_FIRST={"store_and_decode": True, "paged_attention": False}),
                  dict(LONGEST_FIRST=False)] * 3
 PREFILL_ORDER_CASES = [(name, "bf16", "triton", PREFILL_ORDER) for name in (*PREFILL_CASE_NAMES, "prefill 16x1024")]
+# --sweep large-head-prefill (with --head-size 192 or 256): prefill of 256-wide heads (192 padded)
+# in 128 rows on 4 warps spills (1,240 bytes of stack on sm_90, Triton 3.6); on 8 warps (221-224
+# registers, 131 KB, one program an SM), with 64-key tiles (197 KB), or in 64 rows on 4 warps (246
+# registers, 98 KB, two an SM), twice.
+LARGE_HEAD_PREFILL = [{}, dict(PREFILL_NUM_WARPS=8), dict(PREFILL_NUM_WARPS=8, TILE_N_GPU_LARGE_HEAD=64),
+                      dict(PREFILL_BLOCK_M=64)] * 2
+LARGE_HEAD_PREFILL_CASES = [(name, "bf16", "triton", LARGE_HEAD_PREFILL) for name in PREFILL_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -281,7 +288,8 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "fp8-64-key-tiles": FP8_64_KEY_TILES_CASES, "small-grid-tiles": SMALL_GRID_TILES_CASES,
           "prefill-two-programs": PREFILL_TWO_PROGRAMS_CASES,
           "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES,
-          "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES}
+          "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES,
+          "large-head-prefill": LARGE_HEAD_PREFILL_CASES}
 
 
 def all_cases() -> dict:

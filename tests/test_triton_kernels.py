@@ -1019,9 +1019,14 @@ def test_tile_config_by_device_and_bucket():
     assert config(head_size=128, max_query_len=2048, hopper=True)[3:] == (4, 3)
     assert config(head_size=128, max_query_len=2048, hopper=True, fp8=True)[3:] == (4, 2)  # one K/V buffer
     assert config(head_size=128, max_query_len=2048, hopper=False)[:2] == (128, 32)
-    # 256-wide heads: 128 rows on Hopper, 64 before it (shared memory).
-    assert config(head_size=256, max_query_len=2048, hopper=True)[0] == 128
-    assert config(head_size=256, max_query_len=2048, hopper=False)[0] == 64
+    # 256-wide heads (192 padded): on Hopper 128 rows on two warpgroups in 64-key tiles (one
+    # warpgroup spills the accumulator); before it 64 rows in 32-key tiles (shared memory).
+    for head in (192, 256):
+        block_m, _, tile_n, warps, _ = config(head_size=head, max_query_len=2048, hopper=True)
+        assert (block_m, tile_n, warps) == (128, 64, 8)
+        block_m, _, tile_n, warps, _ = config(head_size=head, max_query_len=2048, hopper=False)
+        assert (block_m, tile_n, warps) == (64, 32, 4)
+        assert config(head_size=head, max_query_len=1, hopper=True)[2] == 32
     # Decode buckets: the group's rows, at least 16 (the smallest dot).
     assert config(head_size=128, max_query_len=1, hopper=True)[:2] == (16, 4)
 

@@ -67,6 +67,11 @@ DECODE_TILE_N_GPU_FP8 = 128  # fp8 K/V: twice the keys for the same bytes per ti
 # walk it as two tiles of this many keys, which pipeline where one tile cannot (see short_split_tile_n).
 SHORT_SPLIT_TILE_N = 32
 TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
+# Prefill of 192/256-wide heads on sm_90: 128 rows on two warpgroups in 64-key tiles (255 registers,
+# 197 KB). On one warpgroup the 128x256 accumulator spilled 1,240 bytes a thread: 8x2048 at head 192
+# 6,591 -> 1,280 us, 1x16384 50,000 -> 8,670, head 256 alike (H100, tune_h100.json "large_head_prefill").
+PREFILL_NUM_WARPS_LARGE_HEAD = 8
+PREFILL_TILE_N_LARGE_HEAD = 64
 TILE_N_INTERPRETER = 32  # the interpreter pays per operation, not per element: larger tiles are cheaper
 DECODE_NUM_WARPS = 4
 DECODE_NUM_WARPS_FP8 = 4
@@ -692,11 +697,15 @@ def tile_config(
     else:
         block_m = max(PREFILL_BLOCK_M, group_pad)
         num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES_FP8 if fp8 else NUM_STAGES, TILE_N_GPU
-        if head_size > 128 and not hopper:  # 128 rows of a 256-wide head: 104 KB of shared memory
-            block_m = max(PREFILL_BLOCK_M // 2, group_pad)
+        if head_size > 128:
+            if hopper:
+                num_warps, tile_n = PREFILL_NUM_WARPS_LARGE_HEAD, PREFILL_TILE_N_LARGE_HEAD
+            else:  # 128 rows of a 256-wide head: 104 KB of shared memory
+                block_m = max(PREFILL_BLOCK_M // 2, group_pad)
+                tile_n = min(tile_n, TILE_N_GPU_LARGE_HEAD)
     if interpret:
         tile_n = TILE_N_INTERPRETER
-    elif head_size > 128:
+    elif head_size > 128 and max_query_len <= SPLIT_MAX_QUERY_LEN:
         tile_n = min(tile_n, TILE_N_GPU_LARGE_HEAD)
     return block_m, block_m // num_queries_per_kv, tile_n, num_warps, num_stages
 
