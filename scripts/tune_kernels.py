@@ -8,7 +8,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
-``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill`` (see ``SWEEPS``).
+``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -275,6 +275,12 @@ PREFILL_ORDER_CASES = [(name, "bf16", "triton", PREFILL_ORDER) for name in (*PRE
 LARGE_HEAD_PREFILL = [{}, dict(PREFILL_NUM_WARPS=8), dict(PREFILL_NUM_WARPS=8, TILE_N_GPU_LARGE_HEAD=64),
                       dict(PREFILL_BLOCK_M=64)] * 2
 LARGE_HEAD_PREFILL_CASES = [(name, "bf16", "triton", LARGE_HEAD_PREFILL) for name in PREFILL_CASE_NAMES]
+# --sweep large-head-prefill-fp8 (with --head-size 192): the same for fp8 K/V: one warpgroup in 32-key
+# tiles (1,584 bytes of stack), two in 64-key tiles and 2 stages (264), in 32-key tiles and 2 or 3
+# stages (56, 32), twice.
+LARGE_HEAD_PREFILL_FP8 = [dict(PREFILL_NUM_WARPS_LARGE_HEAD=4, PREFILL_TILE_N_LARGE_HEAD=32), {},
+                          dict(PREFILL_TILE_N_LARGE_HEAD=32), dict(PREFILL_TILE_N_LARGE_HEAD=32, NUM_STAGES_FP8=3)] * 2
+LARGE_HEAD_PREFILL_FP8_CASES = [(name, "fp8", "triton", LARGE_HEAD_PREFILL_FP8) for name in PREFILL_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -289,7 +295,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "prefill-two-programs": PREFILL_TWO_PROGRAMS_CASES,
           "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES,
           "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES,
-          "large-head-prefill": LARGE_HEAD_PREFILL_CASES}
+          "large-head-prefill": LARGE_HEAD_PREFILL_CASES, "large-head-prefill-fp8": LARGE_HEAD_PREFILL_FP8_CASES}
 
 
 def all_cases() -> dict:
