@@ -8,7 +8,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
-``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8`` (see ``SWEEPS``).
+``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``, ``large-head-decode`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -281,6 +281,12 @@ LARGE_HEAD_PREFILL_CASES = [(name, "bf16", "triton", LARGE_HEAD_PREFILL) for nam
 LARGE_HEAD_PREFILL_FP8 = [dict(PREFILL_NUM_WARPS_LARGE_HEAD=4, PREFILL_TILE_N_LARGE_HEAD=32), {},
                           dict(PREFILL_TILE_N_LARGE_HEAD=32), dict(PREFILL_TILE_N_LARGE_HEAD=32, NUM_STAGES_FP8=3)] * 2
 LARGE_HEAD_PREFILL_FP8_CASES = [(name, "fp8", "triton", LARGE_HEAD_PREFILL_FP8) for name in PREFILL_CASE_NAMES]
+# --sweep large-head-decode (with --head-size 192 or 256): decode of 256-wide heads in 32-key tiles
+# (bf16 156 registers and 42 KB on sm_90, fp8 188 and 42 KB) against 64-key ones (168 and 76 KB,
+# 255 and 76 KB), both kernels, twice.
+LARGE_HEAD_DECODE = [{}, dict(TILE_N_GPU_LARGE_HEAD=64)] * 2
+LARGE_HEAD_DECODE_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE) for kv in ("bf16", "fp8")
+                           for name in DECODE_CASE_NAMES] + [("decode 32x4096", "bf16", "triton", LARGE_HEAD_DECODE)]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -295,7 +301,8 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "prefill-two-programs": PREFILL_TWO_PROGRAMS_CASES,
           "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES,
           "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES,
-          "large-head-prefill": LARGE_HEAD_PREFILL_CASES, "large-head-prefill-fp8": LARGE_HEAD_PREFILL_FP8_CASES}
+          "large-head-prefill": LARGE_HEAD_PREFILL_CASES, "large-head-prefill-fp8": LARGE_HEAD_PREFILL_FP8_CASES,
+          "large-head-decode": LARGE_HEAD_DECODE_CASES}
 
 
 def all_cases() -> dict:

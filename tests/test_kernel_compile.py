@@ -35,7 +35,7 @@ def _compile(launch: _aot.Launch, arch: int = 90):
     return compiled
 
 
-@pytest.mark.parametrize("head_size", [80, 128, 256])
+@pytest.mark.parametrize("head_size", [80, 128, 192, 256])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("shape", ["decode_split4", "prefill"])
 def test_paged_attention_compiles_for_sm90(shape, fp8, head_size):
@@ -96,7 +96,7 @@ def test_caches_past_int32_offsets_compile_for_sm90(fp8):
 def test_paged_attention_compiles_for_ampere_and_ada(shape, fp8, arch):
     if fp8 and arch < 89:
         pytest.skip("fp8 KV needs compute capability 8.9 (the backend refuses it below)")
-    for head_size in (128, 256):
+    for head_size in (128, 192, 256):
         launch = _aot.paged_attention_launch(decode=shape.startswith("decode"), fp8=fp8, head_size=head_size,
                                              hopper=False, features=ALL_FEATURES)
         compiled = _compile(launch, arch)

@@ -1026,7 +1026,10 @@ def test_tile_config_by_device_and_bucket():
         assert (block_m, tile_n, warps) == (128, 64, 8)
         block_m, _, tile_n, warps, _ = config(head_size=head, max_query_len=2048, hopper=False)
         assert (block_m, tile_n, warps) == (64, 32, 4)
-        assert config(head_size=head, max_query_len=1, hopper=True)[2] == 32
+    # Their decode: 64-key tiles at head 192, 32 at 256 (bf16; fp8 the same).
+    assert config(head_size=192, max_query_len=1, hopper=True)[2] == 64
+    assert config(head_size=192, max_query_len=1, hopper=True, fp8=True)[2] == 64
+    assert config(head_size=256, max_query_len=1, hopper=True)[2] == 32
     # Decode buckets: the group's rows, at least 16 (the smallest dot).
     assert config(head_size=128, max_query_len=1, hopper=True)[:2] == (16, 4)
 

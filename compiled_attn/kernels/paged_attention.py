@@ -66,7 +66,11 @@ DECODE_TILE_N_GPU_FP8 = 128  # fp8 K/V: twice the keys for the same bytes per ti
 # bf16/fp16 decode splits of one key tile over pages smaller than it (batch 1: 64 splits of 64 keys)
 # walk it as two tiles of this many keys, which pipeline where one tile cannot (see short_split_tile_n).
 SHORT_SPLIT_TILE_N = 32
-TILE_N_GPU_LARGE_HEAD = 32  # head_size 192/256: keeps the K/V tiles within registers/shared memory
+TILE_N_GPU_LARGE_HEAD = 32  # head_size 256 decode (192/256 prefill before Hopper): keeps the K/V tiles within registers/shared memory
+# Decode of 192-wide heads (256-wide tiles, a quarter masked) in 64-key tiles: bf16 2-7% faster,
+# fp8 6-12% (64x16384 1,564-1,606 -> 1,415-1,437 us); at head 256 they were mixed, -5% to +3%
+# (H100, tune_h100.json "large_head_decode").
+DECODE_TILE_N_HEAD_192 = 64
 # Prefill of 192/256-wide heads on sm_90: 128 rows on two warpgroups in 64-key tiles (255 registers,
 # 197 KB). On one warpgroup the 128x256 accumulator spilled 1,240 bytes a thread: 8x2048 at head 192
 # 6,591 -> 1,280 us, 1x16384 50,000 -> 8,670, head 256 alike (H100, tune_h100.json "large_head_prefill").
@@ -706,7 +710,7 @@ def tile_config(
     if interpret:
         tile_n = TILE_N_INTERPRETER
     elif head_size > 128 and max_query_len <= SPLIT_MAX_QUERY_LEN:
-        tile_n = min(tile_n, TILE_N_GPU_LARGE_HEAD)
+        tile_n = min(tile_n, DECODE_TILE_N_HEAD_192 if head_size <= 192 else TILE_N_GPU_LARGE_HEAD)
     return block_m, block_m // num_queries_per_kv, tile_n, num_warps, num_stages
 
 
