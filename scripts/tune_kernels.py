@@ -8,7 +8,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
-``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``, ``large-head-decode`` (see ``SWEEPS``).
+``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``, ``large-head-decode``, ``padded-head-decode`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -287,6 +287,12 @@ LARGE_HEAD_PREFILL_FP8_CASES = [(name, "fp8", "triton", LARGE_HEAD_PREFILL_FP8) 
 LARGE_HEAD_DECODE = [{}, dict(TILE_N_GPU_LARGE_HEAD=64)] * 2
 LARGE_HEAD_DECODE_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE) for kv in ("bf16", "fp8")
                            for name in DECODE_CASE_NAMES] + [("decode 32x4096", "bf16", "triton", LARGE_HEAD_DECODE)]
+# --sweep padded-head-decode (with --head-size 80, 96 or 112): bf16 decode of heads padded to 128-wide
+# tiles, whose time hardly falls with their bytes, in 128-key tiles (128 registers, 74 KB on sm_90:
+# three programs an SM) with the split count assuming three or four resident, against 64-key ones,
+# twice.
+PADDED_HEAD_DECODE = [{}, dict(DECODE_TILE_N_GPU=128, DECODE_RESIDENT_PER_SM=3), dict(DECODE_TILE_N_GPU=128)] * 2
+PADDED_HEAD_DECODE_CASES = [(name, "bf16", "trtllm", PADDED_HEAD_DECODE) for name in DECODE_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -302,7 +308,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES,
           "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES,
           "large-head-prefill": LARGE_HEAD_PREFILL_CASES, "large-head-prefill-fp8": LARGE_HEAD_PREFILL_FP8_CASES,
-          "large-head-decode": LARGE_HEAD_DECODE_CASES}
+          "large-head-decode": LARGE_HEAD_DECODE_CASES, "padded-head-decode": PADDED_HEAD_DECODE_CASES}
 
 
 def all_cases() -> dict:
