@@ -8,7 +8,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
-``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``, ``large-head-decode``, ``padded-head-decode`` (see ``SWEEPS``).
+``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``, ``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -293,6 +293,13 @@ LARGE_HEAD_DECODE_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE) for kv in ("b
 # twice.
 PADDED_HEAD_DECODE = [{}, dict(DECODE_TILE_N_GPU=128, DECODE_RESIDENT_PER_SM=3), dict(DECODE_TILE_N_GPU=128)] * 2
 PADDED_HEAD_DECODE_CASES = [(name, "bf16", "trtllm", PADDED_HEAD_DECODE) for name in DECODE_CASE_NAMES]
+# --sweep large-head-decode-warps (with --head-size 256 or 192): decode of 256-wide heads on 8 warps
+# (head 256: bf16 128 registers, two programs an SM, against 156 and three; fp8 128 against 187), in
+# 32- and 64-key tiles, twice.
+EIGHT_DECODE_WARPS = dict(DECODE_NUM_WARPS=8, DECODE_NUM_WARPS_FP8=8)
+LARGE_HEAD_DECODE_WARPS = [{}, EIGHT_DECODE_WARPS, dict(EIGHT_DECODE_WARPS, TILE_N_GPU_LARGE_HEAD=64)] * 2
+LARGE_HEAD_DECODE_WARPS_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE_WARPS) for kv in ("bf16", "fp8")
+                                 for name in DECODE_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -308,7 +315,8 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "prefill-one-warpgroup": PREFILL_ONE_WARPGROUP_CASES,
           "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES,
           "large-head-prefill": LARGE_HEAD_PREFILL_CASES, "large-head-prefill-fp8": LARGE_HEAD_PREFILL_FP8_CASES,
-          "large-head-decode": LARGE_HEAD_DECODE_CASES, "padded-head-decode": PADDED_HEAD_DECODE_CASES}
+          "large-head-decode": LARGE_HEAD_DECODE_CASES, "padded-head-decode": PADDED_HEAD_DECODE_CASES,
+          "large-head-decode-warps": LARGE_HEAD_DECODE_WARPS_CASES}
 
 
 def all_cases() -> dict:
