@@ -8,7 +8,8 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``prefill-lengths``, ``pdl``, ``order-pdl``, ``pdl-small-grid``, ``launch-next``, ``pdl-check``,
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
-``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``, ``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps`` (see ``SWEEPS``).
+``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``,
+``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -269,22 +270,26 @@ PREFILL_ORDER = [{}, dict(HEADS_FIRST={"store_and_decode": True, "paged_attentio
                  dict(LONGEST_FIRST=False)] * 3
 PREFILL_ORDER_CASES = [(name, "bf16", "triton", PREFILL_ORDER) for name in (*PREFILL_CASE_NAMES, "prefill 16x1024")]
 # --sweep large-head-prefill (with --head-size 192 or 256): prefill of 256-wide heads (192 padded)
-# in 128 rows on 4 warps spills (1,240 bytes of stack on sm_90, Triton 3.6); on 8 warps (221-224
-# registers, 131 KB, one program an SM), with 64-key tiles (197 KB), or in 64 rows on 4 warps (246
-# registers, 98 KB, two an SM), twice.
-LARGE_HEAD_PREFILL = [{}, dict(PREFILL_NUM_WARPS=8), dict(PREFILL_NUM_WARPS=8, TILE_N_GPU_LARGE_HEAD=64),
-                      dict(PREFILL_BLOCK_M=64)] * 2
+# in 128 rows on 4 warps and 32-key tiles, as before the large-head rule (1,240 bytes of stack on
+# sm_90, Triton 3.6); on 8 warps (221-224 registers, 131 KB, one program an SM), with 64-key tiles
+# (the rule: 197 KB), or in 64 rows on 4 warps (246 registers, 98 KB, two an SM), twice. (Run before
+# the rule's constants existed, as PREFILL_NUM_WARPS / TILE_N_GPU_LARGE_HEAD; the same configurations.)
+OLD_LARGE_HEAD_PREFILL = dict(PREFILL_NUM_WARPS_LARGE_HEAD=4, PREFILL_TILE_N_LARGE_HEAD=32)
+LARGE_HEAD_PREFILL = [OLD_LARGE_HEAD_PREFILL, dict(PREFILL_TILE_N_LARGE_HEAD=32), {},
+                      dict(OLD_LARGE_HEAD_PREFILL, PREFILL_BLOCK_M=64)] * 2
 LARGE_HEAD_PREFILL_CASES = [(name, "bf16", "triton", LARGE_HEAD_PREFILL) for name in PREFILL_CASE_NAMES]
 # --sweep large-head-prefill-fp8 (with --head-size 192): the same for fp8 K/V: one warpgroup in 32-key
 # tiles (1,584 bytes of stack), two in 64-key tiles and 2 stages (264), in 32-key tiles and 2 or 3
 # stages (56, 32), twice.
-LARGE_HEAD_PREFILL_FP8 = [dict(PREFILL_NUM_WARPS_LARGE_HEAD=4, PREFILL_TILE_N_LARGE_HEAD=32), {},
+LARGE_HEAD_PREFILL_FP8 = [OLD_LARGE_HEAD_PREFILL, {},
                           dict(PREFILL_TILE_N_LARGE_HEAD=32), dict(PREFILL_TILE_N_LARGE_HEAD=32, NUM_STAGES_FP8=3)] * 2
 LARGE_HEAD_PREFILL_FP8_CASES = [(name, "fp8", "triton", LARGE_HEAD_PREFILL_FP8) for name in PREFILL_CASE_NAMES]
 # --sweep large-head-decode (with --head-size 192 or 256): decode of 256-wide heads in 32-key tiles
 # (bf16 156 registers and 42 KB on sm_90, fp8 188 and 42 KB) against 64-key ones (168 and 76 KB,
-# 255 and 76 KB), both kernels, twice.
-LARGE_HEAD_DECODE = [{}, dict(TILE_N_GPU_LARGE_HEAD=64)] * 2
+# 255 and 76 KB), both kernels, twice. (Run when both head sizes took 32 keys, as {} against
+# TILE_N_GPU_LARGE_HEAD=64; the same configurations.)
+LARGE_HEAD_DECODE = [dict(DECODE_TILE_N_HEAD_192=32, TILE_N_GPU_LARGE_HEAD=32),
+                     dict(DECODE_TILE_N_HEAD_192=64, TILE_N_GPU_LARGE_HEAD=64)] * 2
 LARGE_HEAD_DECODE_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE) for kv in ("bf16", "fp8")
                            for name in DECODE_CASE_NAMES] + [("decode 32x4096", "bf16", "triton", LARGE_HEAD_DECODE)]
 # --sweep padded-head-decode (with --head-size 80, 96 or 112): bf16 decode of heads padded to 128-wide

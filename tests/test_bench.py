@@ -52,7 +52,6 @@ def test_flex_peer_refuses_ragged_queries_and_fp8():
         flex_paged_contender(compile=False)(workload)
 
 
-
 def test_bench_shape_at_another_head_size():
     spec = bench.bench_spec("fp8", head_size=80)
     assert (spec.num_heads, spec.num_kv_heads, spec.head_size) == (32, 8, 80)

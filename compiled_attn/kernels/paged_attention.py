@@ -66,7 +66,9 @@ DECODE_TILE_N_GPU_FP8 = 128  # fp8 K/V: twice the keys for the same bytes per ti
 # bf16/fp16 decode splits of one key tile over pages smaller than it (batch 1: 64 splits of 64 keys)
 # walk it as two tiles of this many keys, which pipeline where one tile cannot (see short_split_tile_n).
 SHORT_SPLIT_TILE_N = 32
-TILE_N_GPU_LARGE_HEAD = 32  # head_size 256 decode (192/256 prefill before Hopper): keeps the K/V tiles within registers/shared memory
+# Decode of head_size 256, and prefill of 192/256 before Hopper: keeps the K/V tiles within
+# registers and shared memory.
+TILE_N_GPU_LARGE_HEAD = 32
 # Decode of 192-wide heads (256-wide tiles, a quarter masked) in 64-key tiles: bf16 2-7% faster,
 # fp8 6-12% (64x16384 1,564-1,606 -> 1,415-1,437 us); at head 256 they were mixed, -5% to +3%
 # (H100, tune_h100.json "large_head_decode").
