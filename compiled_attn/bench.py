@@ -33,10 +33,11 @@ LLAMA3_8B = AttentionSpec(num_heads=32, num_kv_heads=8, head_size=128)
 L2_ROTATION_BYTES = 256 << 20  # well over the H100's 50 MB L2
 
 
-def bench_spec(kv: str, head_size: int = LLAMA3_8B.head_size) -> AttentionSpec:
-    """The benchmark's attention shape with a ``"bf16"`` (the queries' dtype) or ``"fp8"`` KV cache,
-    Llama-3-8B's heads at ``head_size`` (another model's head size, same head counts)."""
-    spec = dataclasses.replace(LLAMA3_8B, head_size=head_size)
+def bench_spec(kv: str, head_size: int = LLAMA3_8B.head_size,
+               num_kv_heads: int = LLAMA3_8B.num_kv_heads) -> AttentionSpec:
+    """The benchmark's attention shape with a ``"bf16"`` (the queries' dtype) or ``"fp8"`` KV cache:
+    Llama-3-8B's 32 query heads, or another model's head size and KV head count."""
+    spec = dataclasses.replace(LLAMA3_8B, head_size=head_size, num_kv_heads=num_kv_heads)
     return spec if kv == "bf16" else dataclasses.replace(spec, kv_cache_dtype="fp8_e4m3")
 
 
@@ -255,7 +256,7 @@ def default_contenders(*, flex: bool = True) -> dict[str, Callable[[Workload], C
 
 def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, cases: list[Case] | None = None,
               fp8: bool = True, flex: bool = True, device: str = "cuda", head_size: int = LLAMA3_8B.head_size,
-              checkpoint: Callable[[dict], None] | None = None) -> dict:
+              num_kv_heads: int = LLAMA3_8B.num_kv_heads, checkpoint: Callable[[dict], None] | None = None) -> dict:
     """Measure every case for every contender that can run it; return the results as a dict.
 
     ``checkpoint`` receives the report so far after every case (a run cut short keeps them).
@@ -269,11 +270,12 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "host": platform.node(),
-        "shape": dataclasses.asdict(bench_spec("bf16", head_size)) | {"dtype": str(dtype), "block_size": block_size},
+        "shape": dataclasses.asdict(bench_spec("bf16", head_size, num_kv_heads)) | {"dtype": str(dtype),
+                                                                                    "block_size": block_size},
         "ceilings": ceilings,
         "results": results,
     }
-    spec_variants = [(kv, bench_spec(kv, head_size)) for kv in (("bf16", "fp8") if fp8 else ("bf16",))]
+    spec_variants = [(kv, bench_spec(kv, head_size, num_kv_heads)) for kv in (("bf16", "fp8") if fp8 else ("bf16",))]
     for case in cases or CASES:
         for kv_label, spec in spec_variants:
             if kv_label == "fp8" and case.kind != "decode":
@@ -378,12 +380,14 @@ def command_line(args) -> str:
     >>> command_line(argparse.Namespace(block_size=256, no_fp8=True, no_flex=False, json="b.json"))
     'compiled-attn bench --block-size 256 --no-fp8 --json b.json'
     >>> command_line(argparse.Namespace(block_size=16, no_fp8=False, no_flex=True, json="b.json",
-    ...                                 head_size=80, cases="prefill"))
-    'compiled-attn bench --block-size 16 --head-size 80 --cases prefill --no-flex --json b.json'
+    ...                                 head_size=80, kv_heads=32, cases="prefill"))
+    'compiled-attn bench --block-size 16 --head-size 80 --kv-heads 32 --cases prefill --no-flex --json b.json'
     """
     flags = [f"--block-size {args.block_size}"]
     if getattr(args, "head_size", LLAMA3_8B.head_size) != LLAMA3_8B.head_size:
         flags.append(f"--head-size {args.head_size}")
+    if getattr(args, "kv_heads", LLAMA3_8B.num_kv_heads) != LLAMA3_8B.num_kv_heads:
+        flags.append(f"--kv-heads {args.kv_heads}")
     if getattr(args, "cases", ""):
         flags.append(f"--cases {args.cases}")
     flags += [f for f, on in (("--no-fp8", args.no_fp8), ("--no-flex", args.no_flex)) if on]
@@ -407,7 +411,7 @@ def main(args) -> int:
             raise SystemExit(f"no benchmark case's name contains {args.cases!r}: "
                              + ", ".join(case.name for case in CASES))
         report = run_bench(block_size=args.block_size, fp8=not args.no_fp8, flex=not args.no_flex,
-                           head_size=args.head_size, cases=cases, checkpoint=save)
+                           head_size=args.head_size, num_kv_heads=args.kv_heads, cases=cases, checkpoint=save)
         save(report)
     print(format_table(report))
     if args.png:
@@ -422,7 +426,9 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="benchmark backends and peers on the GPU")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--head-size", type=int, default=LLAMA3_8B.head_size,
-                   help="Llama-3-8B's 32 query and 8 KV heads at another head size (default 128)")
+                   help="Llama-3-8B's 32 query heads at another head size (default 128)")
+    p.add_argument("--kv-heads", type=int, default=LLAMA3_8B.num_kv_heads,
+                   help="KV heads for the 32 query heads (default 8; 32: MHA, 1: MQA)")
     p.add_argument("--cases", default="", help="only the cases whose name contains this (e.g. prefill)")
     p.add_argument("--no-fp8", action="store_true", help="skip the fp8 KV decode variants")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (it compiles per case)")

@@ -55,6 +55,7 @@ def test_flex_peer_refuses_ragged_queries_and_fp8():
 def test_bench_shape_at_another_head_size():
     spec = bench.bench_spec("fp8", head_size=80)
     assert (spec.num_heads, spec.num_kv_heads, spec.head_size) == (32, 8, 80)
+    assert bench.bench_spec("bf16", num_kv_heads=32).num_kv_heads == 32
     assert spec.kv_cache_dtype == "fp8_e4m3"
     assert bench.bench_spec("bf16") == bench.LLAMA3_8B
 
@@ -64,10 +65,12 @@ def test_bench_cli_takes_head_size_and_case_filter():
 
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["bench", "--head-size", "192", "--cases", "prefill", "--json", "b.json"])
-    assert (args.head_size, args.cases) == (192, "prefill")
-    assert bench.command_line(args) == "compiled-attn bench --block-size 16 --head-size 192 --cases prefill --json b.json"
+    args = parser.parse_args(["bench", "--head-size", "192", "--kv-heads", "1", "--cases", "prefill",
+                              "--json", "b.json"])
+    assert (args.head_size, args.kv_heads, args.cases) == (192, 1, "prefill")
+    assert bench.command_line(args) == \
+        "compiled-attn bench --block-size 16 --head-size 192 --kv-heads 1 --cases prefill --json b.json"
     default = parser.parse_args(["bench"])
-    assert (default.head_size, default.cases) == (128, "")
+    assert (default.head_size, default.kv_heads, default.cases) == (128, 8, "")
     with pytest.raises(SystemExit, match="no benchmark case"):
         bench.main(parser.parse_args(["bench", "--cases", "no such case"]))
