@@ -9,11 +9,13 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
 ``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``,
-``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps`` (see ``SWEEPS``).
+``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps``, ``mqa-splits`` (see
+``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
-``--head-size N`` another head size than the benchmark's 128.
+``--head-size N`` another head size than the benchmark's 128; ``--kv-heads N`` another KV head
+count than its 8.
 ``--contiguous-pages`` lays each sequence's pages out in order (not the random pool order);
 the cache is in the memory order the package allocates for it (``bench.default_layout``: fp8
 head-major), or as ``--head-major-pages`` / ``--token-major-pages`` say (see ``bench.build_workload``).
@@ -305,6 +307,11 @@ EIGHT_DECODE_WARPS = dict(DECODE_NUM_WARPS=8, DECODE_NUM_WARPS_FP8=8)
 LARGE_HEAD_DECODE_WARPS = [{}, EIGHT_DECODE_WARPS, dict(EIGHT_DECODE_WARPS, TILE_N_GPU_LARGE_HEAD=64)] * 2
 LARGE_HEAD_DECODE_WARPS_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE_WARPS) for kv in ("bf16", "fp8")
                                  for name in DECODE_CASE_NAMES]
+# --sweep mqa-splits (with --kv-heads 1): decode where 32 query heads share one KV head, whose split
+# partials (32 rows of fp32 a split) cost as much traffic as a quarter of the K/V at the default
+# split counts: fewer splits (SPLIT_TARGET_WAVES 2 -> 0.5, 0.25, 0.125), both cache dtypes, twice.
+MQA_SPLITS = [{}, dict(SPLIT_TARGET_WAVES=0.5), dict(SPLIT_TARGET_WAVES=0.25), dict(SPLIT_TARGET_WAVES=0.125)] * 2
+MQA_SPLITS_CASES = [(name, kv, "trtllm", MQA_SPLITS) for kv in ("bf16", "fp8") for name in DECODE_CASE_NAMES]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -321,7 +328,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES,
           "large-head-prefill": LARGE_HEAD_PREFILL_CASES, "large-head-prefill-fp8": LARGE_HEAD_PREFILL_FP8_CASES,
           "large-head-decode": LARGE_HEAD_DECODE_CASES, "padded-head-decode": PADDED_HEAD_DECODE_CASES,
-          "large-head-decode-warps": LARGE_HEAD_DECODE_WARPS_CASES}
+          "large-head-decode-warps": LARGE_HEAD_DECODE_WARPS_CASES, "mqa-splits": MQA_SPLITS_CASES}
 
 
 def all_cases() -> dict:
@@ -381,6 +388,7 @@ def main() -> None:
     parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     parser.add_argument("--block-size", type=int, default=16, help="tokens a page (the benchmark's: 16)")
     parser.add_argument("--head-size", type=int, default=None, help="another head size than the benchmark's 128")
+    parser.add_argument("--kv-heads", type=int, default=None, help="another KV head count than the benchmark's 8")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
@@ -393,6 +401,8 @@ def main() -> None:
         spec = bench.bench_spec(kv)
         if args.head_size:
             spec = dataclasses.replace(spec, head_size=args.head_size)
+        if args.kv_heads:
+            spec = dataclasses.replace(spec, num_kv_heads=args.kv_heads)
         pages = True if args.head_major_pages else False if args.token_major_pages else None  # None: as allocated
         workload = bench.build_workload(cases[name], spec, block_size=args.block_size, dtype=torch.bfloat16,
                                         device="cuda", contiguous_pages=args.contiguous_pages,
@@ -411,6 +421,8 @@ def main() -> None:
                 row["block_size"] = args.block_size
             if args.head_size:
                 row["head_size"] = args.head_size
+            if args.kv_heads:
+                row["kv_heads"] = args.kv_heads
             if head_major:
                 row["layout"] = "head-major"
             try:
