@@ -264,18 +264,18 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
     if not torch.cuda.is_available():
         raise RuntimeError("compiled-attn bench needs a CUDA GPU")
     ceilings = measure_ceilings(device)
+    shape = bench_spec("bf16", head_size, num_kv_heads)
     results = []
     report = {
         "card": torch.cuda.get_device_name(device),
         "date": time.strftime("%Y-%m-%d"),
         "torch": torch.__version__,
         "host": platform.node(),
-        "shape": dataclasses.asdict(bench_spec("bf16", head_size, num_kv_heads)) | {"dtype": str(dtype),
-                                                                                    "block_size": block_size},
+        "shape": dataclasses.asdict(shape) | {"dtype": str(dtype), "block_size": block_size},
         "ceilings": ceilings,
         "results": results,
     }
-    spec_variants = [(kv, bench_spec(kv, head_size, num_kv_heads)) for kv in (("bf16", "fp8") if fp8 else ("bf16",))]
+    spec_variants = [("bf16", shape)] + ([("fp8", bench_spec("fp8", head_size, num_kv_heads))] if fp8 else [])
     for case in cases or CASES:
         for kv_label, spec in spec_variants:
             if kv_label == "fp8" and case.kind != "decode":

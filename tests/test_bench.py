@@ -60,7 +60,7 @@ def test_bench_shape_at_another_head_size():
     assert bench.bench_spec("bf16") == bench.LLAMA3_8B
 
 
-def test_bench_cli_takes_head_size_and_case_filter():
+def test_bench_cli_takes_shape_and_case_filter():
     import argparse
 
     parser = argparse.ArgumentParser()
