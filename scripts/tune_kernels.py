@@ -27,7 +27,6 @@ are read at launch), then times the backend exactly as ``compiled-attn bench`` d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import time
@@ -387,8 +386,10 @@ def main() -> None:
     pages.add_argument("--token-major-pages", action="store_true", help="cache memory [2, blocks, block_size, kv_heads, D]")
     parser.add_argument("--cases", default="", help="only the cases whose name contains this")
     parser.add_argument("--block-size", type=int, default=16, help="tokens a page (the benchmark's: 16)")
-    parser.add_argument("--head-size", type=int, default=None, help="another head size than the benchmark's 128")
-    parser.add_argument("--kv-heads", type=int, default=None, help="another KV head count than the benchmark's 8")
+    parser.add_argument("--head-size", type=int, default=bench.LLAMA3_8B.head_size,
+                        help="another head size than the benchmark's 128")
+    parser.add_argument("--kv-heads", type=int, default=bench.LLAMA3_8B.num_kv_heads,
+                        help="another KV head count than the benchmark's 8")
     parser.add_argument("--fused", action="store_true", help="the same as --sweep fused")
     parser.add_argument("--fp8-dot", action="store_true", help="the same as --sweep fp8-dot")
     args = parser.parse_args()
@@ -398,11 +399,7 @@ def main() -> None:
     results = []
     for name, kv, backend, sweep in sweeps:
         deadline = time.time() + args.budget_s / len(sweeps)  # every case gets its share
-        spec = bench.bench_spec(kv)
-        if args.head_size:
-            spec = dataclasses.replace(spec, head_size=args.head_size)
-        if args.kv_heads:
-            spec = dataclasses.replace(spec, num_kv_heads=args.kv_heads)
+        spec = bench.bench_spec(kv, args.head_size, args.kv_heads)
         pages = True if args.head_major_pages else False if args.token_major_pages else None  # None: as allocated
         workload = bench.build_workload(cases[name], spec, block_size=args.block_size, dtype=torch.bfloat16,
                                         device="cuda", contiguous_pages=args.contiguous_pages,
@@ -419,9 +416,9 @@ def main() -> None:
                 row["pages"] = "contiguous"
             if args.block_size != 16:
                 row["block_size"] = args.block_size
-            if args.head_size:
+            if args.head_size != bench.LLAMA3_8B.head_size:
                 row["head_size"] = args.head_size
-            if args.kv_heads:
+            if args.kv_heads != bench.LLAMA3_8B.num_kv_heads:
                 row["kv_heads"] = args.kv_heads
             if head_major:
                 row["layout"] = "head-major"

@@ -50,7 +50,6 @@ def test_prefill_tensor_core_pipeline_is_not_serialised(int32_offsets):
     """ptxas keeps the sm_90 prefill kernel's wgmma asynchronous: when code it cannot place within a
     wgmma pipeline stage appears anywhere in the kernel (a padding-token store before the key loops
     did), it serialises every wgmma of the function and each key loop runs 8-15% slower."""
-    import subprocess
     import tempfile
 
     compiled = _compile(_aot.paged_attention_launch(decode=False, int32_offsets=int32_offsets))

@@ -700,6 +700,8 @@ def tile_config(
         num_warps, num_stages, tile_n = DECODE_NUM_WARPS, DECODE_NUM_STAGES, DECODE_TILE_N_GPU
         if fp8:
             num_warps, num_stages, tile_n = DECODE_NUM_WARPS_FP8, DECODE_NUM_STAGES_FP8, DECODE_TILE_N_GPU_FP8
+        if head_size > 128:
+            tile_n = min(tile_n, DECODE_TILE_N_HEAD_192 if head_size <= 192 else TILE_N_GPU_LARGE_HEAD)
     else:
         block_m = max(PREFILL_BLOCK_M, group_pad)
         num_warps, num_stages, tile_n = PREFILL_NUM_WARPS, NUM_STAGES_FP8 if fp8 else NUM_STAGES, TILE_N_GPU
@@ -711,8 +713,6 @@ def tile_config(
                 tile_n = min(tile_n, TILE_N_GPU_LARGE_HEAD)
     if interpret:
         tile_n = TILE_N_INTERPRETER
-    elif head_size > 128 and max_query_len <= SPLIT_MAX_QUERY_LEN:
-        tile_n = min(tile_n, DECODE_TILE_N_HEAD_192 if head_size <= 192 else TILE_N_GPU_LARGE_HEAD)
     return block_m, block_m // num_queries_per_kv, tile_n, num_warps, num_stages
 
 
