@@ -9,8 +9,8 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``fp8-decode``, ``heads-first``, ``both-kernels``, ``short-split-tiles``, ``fp8-64-key-tiles``,
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
 ``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``,
-``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps``, ``mqa-splits`` (see
-``SWEEPS``).
+``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps``, ``mqa-splits``,
+``split-partial-cap``, ``fp8-min-keys``, ``fused-merge-splits`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -311,6 +311,34 @@ LARGE_HEAD_DECODE_WARPS_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE_WARPS) f
 # split counts: fewer splits (SPLIT_TARGET_WAVES 2 -> 0.5, 0.25, 0.125), both cache dtypes, twice.
 MQA_SPLITS = [{}, dict(SPLIT_TARGET_WAVES=0.5), dict(SPLIT_TARGET_WAVES=0.25), dict(SPLIT_TARGET_WAVES=0.125)] * 2
 MQA_SPLITS_CASES = [(name, kv, "trtllm", MQA_SPLITS) for kv in ("bf16", "fp8") for name in DECODE_CASE_NAMES]
+# --sweep split-partial-cap (with --kv-heads 1, 2 or 4): the split cap by partial traffic
+# (SPLIT_MAX_PARTIAL_SHARE, the default 0.1) against no cap and the share 0.15, three times; at 0.1
+# it moves MQA's 32x4096, 128x2048 and ragged batch (bf16 33 -> 6, 8 -> 3 and 16 -> 12 splits, fp8
+# 16 -> 5, 4 -> 2, 8 -> 6) and 32x4096 with 16 query heads a KV head (16 -> 12). "old" also turns
+# off the fine fp8 splits of small grids (SMALL_GRID_FILL), which take batch-1 fp8 with 1, 2 or 4 KV
+# heads from 16 to 64 splits of one 64-key tile.
+OLD_SPLITS = dict(SPLIT_MAX_PARTIAL_SHARE=0, SMALL_GRID_FILL=0)
+SPLIT_PARTIAL_CAP = [OLD_SPLITS, {}, dict(SPLIT_MAX_PARTIAL_SHARE=0.15)] * 3
+SPLIT_PARTIAL_CAP_CASES = [(name, kv, "trtllm", SPLIT_PARTIAL_CAP) for kv in ("bf16", "fp8")
+                           for name in DECODE_CASE_NAMES] + [
+    (name, "bf16", "triton", SPLIT_PARTIAL_CAP) for name in DECODE_CASE_NAMES] + [
+    ("decode 1x4096", "fp8", "triton", SPLIT_PARTIAL_CAP)]
+# --sweep fp8-min-keys (with --kv-heads 1, 2, 4 or 8; run before SMALL_GRID_FILL existed): batch-1
+# fp8 decode, whose splits held at least two 128-key tiles (SPLIT_MIN_KEYS_FP8 256: 16 splits of
+# 4096 keys, 16 programs on one KV head), against one tile (128), half a tile (64) and 64-key tiles
+# of 64 keys, twice.
+FP8_MIN_KEYS = [dict(SMALL_GRID_FILL=0), dict(SMALL_GRID_FILL=0, SPLIT_MIN_KEYS_FP8=128),
+                dict(SMALL_GRID_FILL=0, SPLIT_MIN_KEYS_FP8=64, SHORT_SPLIT_TILE_N_FP8=128),
+                dict(SMALL_GRID_FILL=0, SPLIT_MIN_KEYS_FP8=64)] * 2
+FP8_MIN_KEYS_CASES = [("decode 1x4096", "fp8", backend, FP8_MIN_KEYS) for backend in ("trtllm", "triton")]
+# --sweep fused-merge-splits (with --kv-heads 1 or 2): with many query rows a KV head the last split's
+# in-kernel merge reads splits x rows partials alone (MQA 64x16384: 16 splits of 32 rows, 256 KB);
+# the merge in the kernel up to 16/8 splits (the default), 4, or never (the reduction launch), three
+# times.
+FUSED_MERGE_SPLITS = [{}, both_kernels("FUSED_MAX_SPLITS", 4), both_kernels("FUSED_MAX_SPLITS", 1)] * 3
+FUSED_MERGE_SPLITS_CASES = [(name, kv, "trtllm", FUSED_MERGE_SPLITS) for kv in ("bf16", "fp8")
+                            for name in DECODE_CASE_NAMES] + [
+    (name, "bf16", "triton", FUSED_MERGE_SPLITS) for name in DECODE_CASE_NAMES[1:3]]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -327,7 +355,9 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "decode-32-key-tiles": DECODE_32_KEY_TILES_CASES, "prefill-order": PREFILL_ORDER_CASES,
           "large-head-prefill": LARGE_HEAD_PREFILL_CASES, "large-head-prefill-fp8": LARGE_HEAD_PREFILL_FP8_CASES,
           "large-head-decode": LARGE_HEAD_DECODE_CASES, "padded-head-decode": PADDED_HEAD_DECODE_CASES,
-          "large-head-decode-warps": LARGE_HEAD_DECODE_WARPS_CASES, "mqa-splits": MQA_SPLITS_CASES}
+          "large-head-decode-warps": LARGE_HEAD_DECODE_WARPS_CASES, "mqa-splits": MQA_SPLITS_CASES,
+          "split-partial-cap": SPLIT_PARTIAL_CAP_CASES, "fp8-min-keys": FP8_MIN_KEYS_CASES,
+          "fused-merge-splits": FUSED_MERGE_SPLITS_CASES}
 
 
 def all_cases() -> dict:

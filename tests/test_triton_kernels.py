@@ -413,6 +413,9 @@ def test_split_counters_grow_without_freeing(monkeypatch):
     for kernel in ("paged_attention", "store_and_decode"):
         assert pa_mod.split_counters(q, 10, pa_mod.fused_max_splits(kernel) + 1, kernel) is None
         assert pa_mod.split_counters(q, 10, pa_mod.fused_max_splits(kernel), kernel) is big
+    assert pa_mod.split_counters(q, 10, 8, "store_and_decode", block_m=32) is big
+    assert pa_mod.split_counters(q, 10, 16, "store_and_decode", block_m=32) is None, \
+        "one program would merge 16 splits of 32 rows: the reduction launch does"
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -715,6 +718,9 @@ def _gpu_cases() -> dict[str, tuple[str, Case]]:
         "decode_256x4k_bf16": ("decode_256x4k", Case("", 32, 8, 128, 16, bf16, max_query_len=1)),
         "decode_4x32k_bf16": ("decode_4x32k", Case("", 32, 8, 128, 16, bf16, max_query_len=1)),
         "decode_4x32k_fp8": ("decode_4x32k", Case("", 32, 8, 128, 16, bf16, fp8=True, max_query_len=1)),
+        # one KV head: batch-1 fp8 in 64 splits of one 64-key tile; spec decode's splits capped by partials
+        "decode_1x4k_mqa_fp8": ("decode_1x4k", Case("", 32, 1, 128, 16, bf16, fp8=True, max_query_len=1)),
+        "spec_decode_mqa": ("spec_decode_32x4", Case("", 32, 1, 128, 16, bf16, max_query_len=4)),
         "spec_decode_g4": ("spec_decode_32x4", Case("", 32, 8, 128, 32, bf16, max_query_len=4)),
         "prefill_bf16_d128_g4": ("prefill_2x1k", Case("", 32, 8, 128, 16, bf16)),
         "prefill_fp16_d64_g1_bs128": ("prefill_2x1k", Case("", 8, 8, 64, 128, fp16)),
@@ -777,11 +783,22 @@ def test_gpu_store_and_decode_small(compiled, name):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("heads,kv_heads,head_size,block_size", [(32, 8, 128, 16), (16, 16, 64, 64), (32, 4, 256, 32)])
+@pytest.mark.parametrize("heads,kv_heads,head_size,block_size", [(32, 8, 128, 16), (16, 16, 64, 64), (32, 4, 256, 32),
+                                                                (32, 1, 128, 16)])
 def test_gpu_store_and_decode(compiled, dtype, fp8, heads, kv_heads, head_size, block_size):
+    """(32, 1, 128, 16): one KV head, whose splits the partial-traffic cap takes from 33 to 5."""
     batch = _ragged(32, 3000, [1], heads + head_size)  # the reference gathers [B, context, H, D] in fp32
     case = Case("", heads, kv_heads, head_size, block_size, dtype, fp8=fp8, window=2048 if fp8 else None)
     check_store_and_decode(case, device="cuda", batch=batch)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("fp8", [False, True])
+def test_gpu_store_and_decode_one_kv_head_batch_1(compiled, fp8):
+    """Batch 1 on one KV head: 64 splits of 64 keys, fp8 in 64-key tiles (a small grid)."""
+    case = Case("", 32, 1, 128, 16, torch.bfloat16, fp8=fp8)
+    check_store_and_decode(case, device="cuda", batch=([1], [4096]))
 
 
 @gpu
@@ -1056,6 +1073,26 @@ def test_split_count_targets_waves_of_resident_programs():
                                     num_sms=132, fp8=True) == 1, "prefill-like buckets are not split"
 
 
+def test_split_count_caps_partial_traffic_of_many_query_heads_a_kv_head():
+    """Where a KV head serves many query rows (MQA: 32), each split's fp32 partials cost a large
+    share of the K/V bytes: splits are capped at a tenth of them (never below one program an SM),
+    except where the capped splits would be short (latency-bound batch-1 grids keep theirs) or
+    would take more than one wave of resident programs (the wave target fills waves better); fp8
+    grids of a few programs split as finely as bf16. The choices tune_h100.json measured."""
+    def splits(batch, context, kv_heads, fp8=False):
+        return pa_mod.choose_num_splits(num_query_blocks=batch, num_kv_heads=kv_heads, max_context=context,
+                                        max_query_len=1, num_sms=132, fp8=fp8, group=32 // kv_heads)
+
+    shapes = ((1, 4096), (32, 4096), (128, 2048), (64, 16384), (64, 8192))
+    assert [splits(b, c, 1) for b, c in shapes] == [64, 6, 3, 16, 16], "12 splits of 8192: two waves"
+    assert [splits(b, c, 1, fp8=True) for b, c in shapes] == [64, 5, 2, 8, 8]
+    assert splits(32, 4096, 2, fp8=True) == 8, "capped at 6: a part-filled second wave"
+    assert [splits(1, 4096, kv) for kv in (2, 4, 8)] == [64, 64, 64], "batch 1 keeps one tile a split"
+    assert [splits(1, 4096, kv, fp8=True) for kv in (2, 4, 8)] == [64, 64, 16], "8 KV heads fill half the SMs"
+    assert [splits(b, c, 8) for b, c in shapes] == [64, 4, 2, 3, 3], "4 query heads a KV head: no cap"
+    assert pa_mod.partial_traffic_cap(max_context=4096, rows=32, fp8=True) == 3
+
+
 @pytest.mark.parametrize("one_loop", [True, False])
 @pytest.mark.parametrize("name", ["decode_split3_gqa4_d96", "decode_split2_window", "spec_decode_split2_gqa4",
                                   "spec_decode_gqa3_bs32"])
@@ -1185,7 +1222,8 @@ def test_short_split_tiles_only_for_splits_of_one_tile():
     assert tile(4096, 64) == 32 and tile(1024, 16) == 32 and tile(4096, 64, max_query_len=4) == 32
     assert tile(4096, 32) == 64 and tile(4096 + 16, 64) == 64, "65 keys a split: two tiles already"
     assert tile(4096, 64, max_query_len=9) == 64, "prefill buckets keep their tiles"
-    assert tile(4096, 64, fp8=True, tile_n=128) == 128 and tile(2048, 64, tile_n=32) == 32
+    assert tile(4096, 16, fp8=True, tile_n=128) == 128 and tile(2048, 64, tile_n=32) == 32
+    assert tile(4096, 64, fp8=True, tile_n=128) == 64, "fp8 splits of 64 keys (small grids) take 64-key tiles"
     assert tile(4096, 64, block_size=32) == 32 and tile(4096, 64, block_size=64) == 64, "a page holds the tile"
 
 

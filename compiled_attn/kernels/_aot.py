@@ -124,7 +124,7 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
     constexprs = dict(
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=splits,
-                    fused_reduce=1 < splits <= pa.fused_max_splits("paged_attention"), max_context=max_context,
+                    fused_reduce=pa.fuse_split_merge(splits, block_m, "paged_attention"), max_context=max_context,
                     max_query_len=max_query_len, fp8=fp8, int32_offsets=int32_offsets),
         BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST)
     return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
@@ -140,7 +140,7 @@ def store_and_decode_launch(*, fp8: bool = False, num_splits: int = 4, fused: bo
     tile_n = pa.short_split_tile_n(tile_n, max_context=max_context, num_splits=num_splits, max_query_len=1, fp8=fp8,
                                    block_size=block_size)
     if fused is None:
-        fused = 1 < num_splits <= pa.fused_max_splits("store_and_decode")
+        fused = pa.fuse_split_merge(num_splits, block_m, "store_and_decode")
     constexprs = dict(
         _constexprs(features=features, group=group, num_heads=heads, head_size=head_size, block_size=block_size,
                     block_m=block_m, tile_n=tile_n, num_splits=num_splits, fused_reduce=fused,

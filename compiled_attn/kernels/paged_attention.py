@@ -20,8 +20,8 @@ diagonal tiles pay for them.
 
 Split-KV (flash-decoding): when the batch is decode-like (``max_query_len`` small) and too small
 to fill the GPU, axis 2 splits each query block's key range into ``num_splits`` equal parts;
-each writes a partial (max, sum, acc). Up to :func:`fused_max_splits` splits, the last program of a
-tile to finish merges them (a per-tile atomic counter, see :func:`split_counters`); beyond that,
+each writes a partial (max, sum, acc). Where :func:`fuse_split_merge` says so, the last program of a
+tile to finish merges them (a per-tile atomic counter, see :func:`split_counters`); otherwise,
 or while ``torch.compile`` traces the triton_op, :func:`_reduce_splits_kernel` merges them in a
 second launch. The split count comes from static shapes (batch, KV heads, block-table width)
 and the SM count.
@@ -102,6 +102,25 @@ MAX_SPLITS = 64
 # 2% faster on the ragged batch: tune_h100.json "fp8_split_waves"), and avoids part-empty last
 # waves: bf16 32x4096 takes 4 splits, not 5 (196 vs 207 us).
 DECODE_RESIDENT_PER_SM, DECODE_RESIDENT_PER_SM_FP8 = 4, 2
+# Each split writes a partial of fp32 rows (query tokens x group) that the merge reads back. Where a
+# KV head serves many query rows (MQA: 32) that traffic rivals the K/V itself at the wave target's
+# split counts, so splits are capped where the partials would pass this share of the K/V bytes
+# (0: no cap), though never below one program an SM. Only where the capped splits hold at least
+# SPLIT_CAP_MIN_KEYS keys: grids of shorter splits are latency-bound (batch 1), and there more
+# programs win whatever their partials cost (8 query heads a KV head, batch 1: 38 splits 10.1-10.3
+# us against 64 splits 9.6). And only where the capped grid is one wave of resident programs: past
+# that the wave target's count fills the last wave better (16 query heads a KV head, fp8 32x4096:
+# 6 splits 47.7-48.1 us against 8 splits 42.7). MQA at 0.1 (H100): bf16 32x4096 44.3-44.8 -> 38.9-39.2
+# us, 128x2048 76.3-76.9 -> 62.6-63.0, fp8 58.3-59.2 -> 34.2-34.7 and 60.9-61.7 -> 42.4-43.9.
+# tune_h100.json "mqa_splits", "split_partial_cap".
+SPLIT_MAX_PARTIAL_SHARE = 0.1
+SPLIT_CAP_MIN_KEYS = 256
+# fp8 grids that splits of SPLIT_MIN_KEYS_FP8 leave with programs for under SMALL_GRID_FILL of the
+# SMs (one KV head at batch 1: 16 programs) split as finely as bf16, in 64-key tiles where a split
+# holds no more (SHORT_SPLIT_TILE_N_FP8): MQA batch 1 15.6-15.8 -> 6.9 us (tune_h100.json
+# "fp8_min_keys"; 0: never).
+SMALL_GRID_FILL = 0.5
+SHORT_SPLIT_TILE_N_FP8 = 64
 FP8_DOT_FP16 = True  # fp8 K/V: tile dots in fp16 (see _query_for_dot), not in q's bf16
 FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no reduction launch) ...
 # ... up to this many splits, by kernel (an int: both). With programmatic launch, a reduction launch
@@ -111,6 +130,11 @@ FUSED_SPLIT_REDUCE = True  # the last split of a tile merges the partials (no re
 # "launch_next", bench_h100_page16_merge16.json).
 FUSED_MAX_SPLITS = {"store_and_decode": 16, "paged_attention": 8}
 FUSED_MERGE_ROWS = 64  # the merge loads [BLOCK_M, chunk, HEAD_PAD] partials with BLOCK_M * chunk <= this
+# ... and only while the merging program reads at most this many partial rows (splits x BLOCK_M): one
+# program reads them all, after its own split. MQA (32 rows a tile), 16 splits: 64x16384 241-265 ->
+# 215-216 us with the reduction launch, the ragged batch 94.2-94.6 -> 73.5-78.4; at 8 splits level,
+# at 5-6 the in-kernel merge 3-10% faster (tune_h100.json "fused_merge_splits").
+FUSED_MERGE_MAX_ROWS = 256
 LONGEST_FIRST = True  # query blocks run from a sequence's end (the longest) to its start
 # Decode-shaped steps whose splits hold at most this many key tiles (from the static shapes) walk
 # them in one pipelined loop (see _attend_range): batch-1 decode 15.7 -> 14.6 us (bf16), 15.1 ->
@@ -583,17 +607,42 @@ def _reduce_splits_kernel(
 
 def choose_num_splits(
     *, num_query_blocks: int, num_kv_heads: int, max_context: int, max_query_len: int, num_sms: int,
-    fp8: bool = False,
+    fp8: bool = False, group: int = 1,
 ) -> int:
     """Flash-decoding split count from static shapes: enough programs to fill the GPU, no split
-    shorter than ``SPLIT_MIN_KEYS`` (fp8: ``SPLIT_MIN_KEYS_FP8``), whole waves where that is cheap;
-    1 for prefill-like buckets (this module's constants, read at call time so the tuning script
-    can patch them)."""
+    shorter than ``SPLIT_MIN_KEYS`` (fp8: ``SPLIT_MIN_KEYS_FP8``), partials within
+    ``SPLIT_MAX_PARTIAL_SHARE`` of the K/V bytes (``group``: query heads a KV head), whole waves
+    where that is cheap; 1 for prefill-like buckets (this module's constants, read at call time so
+    the tuning script can patch them)."""
     resident = DECODE_RESIDENT_PER_SM_FP8 if fp8 else DECODE_RESIDENT_PER_SM
+    programs = max(num_query_blocks * num_kv_heads, 1)
+    min_keys = SPLIT_MIN_KEYS_FP8 if fp8 else SPLIT_MIN_KEYS
+    if programs * math.ceil(max_context / min_keys) < SMALL_GRID_FILL * num_sms:
+        min_keys = min(min_keys, SPLIT_MIN_KEYS)
+    max_splits = MAX_SPLITS
+    if SPLIT_MAX_PARTIAL_SHARE:
+        cap = max(partial_traffic_cap(max_context=max_context, rows=group * max(max_query_len, 1), fp8=fp8),
+                  math.ceil(num_sms / programs))
+        if max_context >= cap * SPLIT_CAP_MIN_KEYS and programs * cap <= resident * num_sms:
+            max_splits = min(max_splits, cap)
     return split_count(
-        programs=num_query_blocks * num_kv_heads, max_context=max_context, max_query_len=max_query_len,
+        programs=programs, max_context=max_context, max_query_len=max_query_len,
         num_sms=num_sms, split_max_query_len=SPLIT_MAX_QUERY_LEN, programs_per_sm=SPLIT_TARGET_WAVES * resident,
-        min_keys=SPLIT_MIN_KEYS_FP8 if fp8 else SPLIT_MIN_KEYS, max_splits=MAX_SPLITS, resident_per_sm=resident)
+        min_keys=min_keys, max_splits=max_splits, resident_per_sm=resident)
+
+
+def partial_traffic_cap(*, max_context: int, rows: int, fp8: bool) -> int:
+    """Most splits whose partials (``rows`` fp32 rows a split, written and read back: 8 bytes an
+    element) stay within ``SPLIT_MAX_PARTIAL_SHARE`` of one KV head's K/V bytes (2 tensors of
+    ``max_context`` rows, 1 byte an element for fp8, 2 for bf16/fp16).
+
+    >>> partial_traffic_cap(max_context=4096, rows=32, fp8=False)  # MQA, 32 query heads
+    6
+    >>> partial_traffic_cap(max_context=4096, rows=4, fp8=False)  # GQA, 4 query heads a KV head
+    51
+    """
+    kv_bytes = 2 * max_context * (1 if fp8 else 2)
+    return max(1, int(SPLIT_MAX_PARTIAL_SHARE * kv_bytes / (8 * rows)))
 
 
 def short_split_tile_n(tile_n: int, *, max_context: int, num_splits: int, max_query_len: int, fp8: bool,
@@ -605,9 +654,15 @@ def short_split_tile_n(tile_n: int, *, max_context: int, num_splits: int, max_qu
     tune_h100.json "short_split_tiles"): pages of 16 12.5-12.8 -> 12.0-12.7 us; pages of 64
     level; pages of 256, where a 64-key tile is one block-table entry, 11.9-12.0 -> 12.4-12.6,
     so pages that hold a tile keep it. 32-key tiles on longer splits were slower (15.2 against
-    14.4 us before one-loop splits). fp8 splits hold at least two tiles (``SPLIT_MIN_KEYS_FP8``)."""
-    if (max_query_len <= SPLIT_MAX_QUERY_LEN and not fp8 and block_size < tile_n
-            and math.ceil(max_context / num_splits) <= tile_n):
+    14.4 us before one-loop splits). fp8 splits hold at least two tiles (``SPLIT_MIN_KEYS_FP8``)
+    except on small grids (see ``SHORT_SPLIT_TILE_N_FP8``), whose splits of at most that many keys
+    take tiles of that size."""
+    if max_query_len > SPLIT_MAX_QUERY_LEN:
+        return tile_n
+    split_keys = math.ceil(max_context / num_splits)
+    if fp8:
+        return min(tile_n, SHORT_SPLIT_TILE_N_FP8) if split_keys <= SHORT_SPLIT_TILE_N_FP8 else tile_n
+    if block_size < tile_n and split_keys <= tile_n:
         return min(tile_n, SHORT_SPLIT_TILE_N)
     return tile_n
 
@@ -761,10 +816,18 @@ def fused_max_splits(kernel: str) -> int:
     return FUSED_MAX_SPLITS if isinstance(FUSED_MAX_SPLITS, int) else FUSED_MAX_SPLITS[kernel]
 
 
-def split_counters(q: torch.Tensor, count: int, num_splits: int,
-                   kernel: str = "paged_attention") -> torch.Tensor | None:
+def fuse_split_merge(num_splits: int, block_m: int, kernel: str) -> bool:
+    """Whether ``kernel``'s last split of a tile of ``block_m`` rows merges the partials itself
+    (else the reduction launch does): ``FUSED_SPLIT_REDUCE``, 2 to ``fused_max_splits(kernel)``
+    splits, and at most ``FUSED_MERGE_MAX_ROWS`` partial rows for one program to read."""
+    return (FUSED_SPLIT_REDUCE and 1 < num_splits <= fused_max_splits(kernel)
+            and num_splits * block_m <= FUSED_MERGE_MAX_ROWS)
+
+
+def split_counters(q: torch.Tensor, count: int, num_splits: int, kernel: str = "paged_attention",
+                   block_m: int = DECODE_BLOCK_M) -> torch.Tensor | None:
     """``count`` zeroed int32 counters for the fused split reduction, or None to use the
-    reduction launch instead (also for one split, or more than ``fused_max_splits(kernel)``).
+    reduction launch instead (where :func:`fuse_split_merge` says no).
 
     Every launch leaves its counters zeroed, so one buffer per device serves all launches on a
     stream (as a workspace does; launches on concurrent streams must not share a device). It
@@ -772,7 +835,7 @@ def split_counters(q: torch.Tensor, count: int, num_splits: int,
     pool) and only for plain tensors: while ``torch.compile`` traces a triton_op its inputs are
     fake, and a real global buffer cannot join that graph.
     """
-    if not FUSED_SPLIT_REDUCE or not 1 < num_splits <= fused_max_splits(kernel) or type(q) is not torch.Tensor:
+    if not fuse_split_merge(num_splits, block_m, kernel) or type(q) is not torch.Tensor:
         return None
     have = _SPLIT_COUNTERS.get(q.device)
     if have is not None and have.numel() >= count:
@@ -787,12 +850,12 @@ def split_counters(q: torch.Tensor, count: int, num_splits: int,
 
 
 def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_rows: int, tiles: int,
-                    placeholder: torch.Tensor, valid_from_seq_lens: bool, launch: dict,
+                    block_m: int, placeholder: torch.Tensor, valid_from_seq_lens: bool, launch: dict,
                     kernel: str = "paged_attention"):
     """What a launch split ``num_splits`` ways needs besides its kernel: ``(scratch, reduce)``.
 
     ``scratch`` = (part_acc, part_m, part_l, counters) for the kernel's arguments: the partials of
-    ``num_rows`` query rows, and the ``tiles`` counters of the in-kernel merge (``placeholder``,
+    ``num_rows`` query rows, and the ``tiles`` counters (of ``block_m`` rows) of the in-kernel merge (``placeholder``,
     never read, stands in for what is not needed). ``reduce`` is the reduction launch
     ``(grid, args, constexprs)`` when the merge is not done in the kernel, else None; ``launch``:
     the plan's :func:`launch_constexprs`.
@@ -804,7 +867,7 @@ def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_r
     part_acc = torch.empty(num_splits, num_rows, num_heads, head_pad, dtype=torch.float32, device=q.device)
     part_m = torch.empty(num_splits, num_rows, num_heads, dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    counters = split_counters(q, tiles, num_splits, kernel)
+    counters = split_counters(q, tiles, num_splits, kernel, block_m)
     if counters is not None:
         return (part_acc, part_m, part_l, counters), None
     args = (part_acc, part_m, part_l, out, query_start_loc, seq_lens, seq_lens.shape[0], num_rows, *out.stride())
@@ -835,13 +898,13 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         busy_blocks = num_seqs * max(1, math.ceil(max_query_len / block_q))
         num_splits = choose_num_splits(
             num_query_blocks=busy_blocks, num_kv_heads=kv_heads, max_context=max_context,
-            max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=fp8)
+            max_query_len=max_query_len, num_sms=num_sms(q.device), fp8=fp8, group=group)
     tile_n = tile_n or short_split_tile_n(default_tile_n, max_context=max_context, num_splits=num_splits,
                                           max_query_len=max_query_len, fp8=fp8, block_size=block_size)
     launch = launch_constexprs(q)
     scratch, reduce_launch = split_workspace(
         q, out, query_start_loc, seq_lens, num_splits=num_splits, num_rows=num_tokens, tiles=num_q_blocks * kv_heads,
-        placeholder=k_scale, valid_from_seq_lens=False, launch=launch)
+        block_m=block_m, placeholder=k_scale, valid_from_seq_lens=False, launch=launch)
     attn_args = (
         q, out, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, *scratch,

@@ -175,7 +175,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     if not num_splits:
         num_splits = choose_num_splits(
             num_query_blocks=num_seqs, num_kv_heads=kv_heads, max_context=max_context,
-            max_query_len=1, num_sms=num_sms(q.device), fp8=fp8)
+            max_query_len=1, num_sms=num_sms(q.device), fp8=fp8, group=group)
     tile_n = tile_n or short_split_tile_n(default_tile_n, max_context=max_context, num_splits=num_splits,
                                           max_query_len=1, fp8=fp8, block_size=block_size)
     # The reduction reads validity from seq_lens (padding sequences have length 0), so its
@@ -183,7 +183,7 @@ def _launch_plan(q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, *,
     launch = launch_constexprs(q)
     scratch, reduce_launch = split_workspace(
         q, out, seq_lens, seq_lens, num_splits=num_splits, num_rows=num_seqs, tiles=num_seqs * kv_heads,
-        placeholder=k_scale, valid_from_seq_lens=True, launch=launch, kernel="store_and_decode")
+        block_m=block_m, placeholder=k_scale, valid_from_seq_lens=True, launch=launch, kernel="store_and_decode")
     args = (
         q, k, v, kv_cache, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
         alibi_slopes if alibi_slopes is not None else k_scale, *scratch,
