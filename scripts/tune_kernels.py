@@ -312,9 +312,10 @@ LARGE_HEAD_DECODE_WARPS_CASES = [(name, kv, "trtllm", LARGE_HEAD_DECODE_WARPS) f
 MQA_SPLITS = [{}, dict(SPLIT_TARGET_WAVES=0.5), dict(SPLIT_TARGET_WAVES=0.25), dict(SPLIT_TARGET_WAVES=0.125)] * 2
 MQA_SPLITS_CASES = [(name, kv, "trtllm", MQA_SPLITS) for kv in ("bf16", "fp8") for name in DECODE_CASE_NAMES]
 # --sweep split-partial-cap (with --kv-heads 1, 2 or 4): the split cap by partial traffic
-# (SPLIT_MAX_PARTIAL_SHARE, the default 0.1) against no cap and the share 0.15, three times; at 0.1
-# it moves MQA's 32x4096, 128x2048 and ragged batch (bf16 33 -> 6, 8 -> 3 and 16 -> 12 splits, fp8
-# 16 -> 5, 4 -> 2, 8 -> 6) and 32x4096 with 16 query heads a KV head (16 -> 12). "old" also turns
+# (SPLIT_MAX_PARTIAL_SHARE, the default 0.1) against no cap and the share 0.15, three times; as
+# taken it moves MQA's 32x4096 and 128x2048 (bf16 33 -> 6 and 8 -> 3 splits, fp8 16 -> 5 and 4 -> 2).
+# (Its second round ran before the one-wave condition, when 0.1 also moved MQA's ragged batch,
+# 16 -> 12, and 32x4096 with 16 query heads a KV head, bf16 16 -> 12, fp8 8 -> 6.) "old" also turns
 # off the fine fp8 splits of small grids (SMALL_GRID_FILL), which take batch-1 fp8 with 1, 2 or 4 KV
 # heads from 16 to 64 splits of one 64-key tile.
 OLD_SPLITS = dict(SPLIT_MAX_PARTIAL_SHARE=0, SMALL_GRID_FILL=0)
@@ -333,8 +334,8 @@ FP8_MIN_KEYS = [dict(SMALL_GRID_FILL=0), dict(SMALL_GRID_FILL=0, SPLIT_MIN_KEYS_
 FP8_MIN_KEYS_CASES = [("decode 1x4096", "fp8", backend, FP8_MIN_KEYS) for backend in ("trtllm", "triton")]
 # --sweep fused-merge-splits (with --kv-heads 1 or 2): with many query rows a KV head the last split's
 # in-kernel merge reads splits x rows partials alone (MQA 64x16384: 16 splits of 32 rows, 256 KB);
-# the merge in the kernel up to 16/8 splits (the default), 4, or never (the reduction launch), three
-# times.
+# the merge in the kernel up to 16/8 splits, 4, or never (the reduction launch), three times. (Run
+# before FUSED_MERGE_MAX_ROWS existed, when {} merged up to 16/8 splits whatever their rows.)
 FUSED_MERGE_SPLITS = [{}, both_kernels("FUSED_MAX_SPLITS", 4), both_kernels("FUSED_MAX_SPLITS", 1)] * 3
 FUSED_MERGE_SPLITS_CASES = [(name, kv, "trtllm", FUSED_MERGE_SPLITS) for kv in ("bf16", "fp8")
                             for name in DECODE_CASE_NAMES] + [

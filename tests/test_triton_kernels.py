@@ -427,6 +427,20 @@ def test_store_and_decode_split_reduction_fused_and_launched(interpreter, monkey
         assert not pa_mod._SPLIT_COUNTERS[torch.device("cpu")].any()
 
 
+@pytest.mark.parametrize("num_splits,fused", [(8, True), (16, False)])
+def test_store_and_decode_many_rows_merged_by_the_reduction_launch(interpreter, monkeypatch, num_splits, fused):
+    """32 query heads on one KV head (tiles of 32 rows): 8 splits are 256 partial rows for the last
+    split to merge itself; 16 splits are more, and the reduction launch merges them."""
+    monkeypatch.setattr(pa_mod, "FUSED_MAX_SPLITS", 16)
+    plans = []
+    real_plan = sd_mod._launch_plan
+    monkeypatch.setattr(sd_mod, "_launch_plan", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
+    check_store_and_decode(Case("", heads=32, kv_heads=1, head_size=64, dtype=torch.float32, num_splits=num_splits),
+                           batch=([1, 1], [40, 300]))
+    attn, reduce = plans[-1]
+    assert attn[2]["FUSED_REDUCE"] is fused and (reduce is None) is fused
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_store_and_decode_random_batches(interpreter, seed):
     g = torch.Generator().manual_seed(2000 + seed)
@@ -786,7 +800,7 @@ def test_gpu_store_and_decode_small(compiled, name):
 @pytest.mark.parametrize("heads,kv_heads,head_size,block_size", [(32, 8, 128, 16), (16, 16, 64, 64), (32, 4, 256, 32),
                                                                 (32, 1, 128, 16)])
 def test_gpu_store_and_decode(compiled, dtype, fp8, heads, kv_heads, head_size, block_size):
-    """(32, 1, 128, 16): one KV head, whose splits the partial-traffic cap takes from 33 to 5."""
+    """(32, 1, 128, 16): one KV head, whose splits the partial-traffic cap takes from 32 to 4 (fp8: 12 to 4)."""
     batch = _ragged(32, 3000, [1], heads + head_size)  # the reference gathers [B, context, H, D] in fp32
     case = Case("", heads, kv_heads, head_size, block_size, dtype, fp8=fp8, window=2048 if fp8 else None)
     check_store_and_decode(case, device="cuda", batch=batch)
