@@ -10,7 +10,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
 ``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``,
 ``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps``, ``mqa-splits``,
-``split-partial-cap``, ``fp8-min-keys``, ``fused-merge-splits`` (see ``SWEEPS``).
+``split-partial-cap``, ``fp8-min-keys``, ``fused-merge-splits``, ``split-cap-reach`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -340,6 +340,19 @@ FUSED_MERGE_SPLITS = [{}, both_kernels("FUSED_MAX_SPLITS", 4), both_kernels("FUS
 FUSED_MERGE_SPLITS_CASES = [(name, kv, "trtllm", FUSED_MERGE_SPLITS) for kv in ("bf16", "fp8")
                             for name in DECODE_CASE_NAMES] + [
     (name, "bf16", "triton", FUSED_MERGE_SPLITS) for name in DECODE_CASE_NAMES[1:3]]
+# --sweep split-cap-reach: shapes the split rules of the MQA round move at the benchmark's 8 KV heads
+# without having been timed there (both rules against neither, three times): spec-decode buckets of
+# 4 tokens a sequence, whose 16 rows a KV head bring the partial cap in (bf16 b2x4096 64 -> 12
+# splits, b4x2048 32 -> 6, b8x2048 16 -> 6, b16x1024 8 -> 3), and short fp8 decode at small batch,
+# which small-grid fill splits finely (b1x2048 8 -> 32, b2x1024 4 -> 16, b1x512 2 -> 8).
+SPEC_CASES = [bench.Case(f"spec {b}x{n} q4", "decode", (4,) * b, (n,) * b)
+              for b, n in ((1, 8192), (2, 4096), (4, 2048), (8, 2048), (16, 1024))]
+SHORT_FP8_CASES = [bench.Case(f"decode {b}x{n}", "decode", (1,) * b, (n,) * b) for b, n in ((1, 2048), (2, 1024), (1, 512))]
+EXTRA_CASES += SPEC_CASES + SHORT_FP8_CASES
+SPLIT_CAP_REACH = [OLD_SPLITS, {}] * 3
+# (Spec-decode steps take the unified kernel on both backends.)
+SPLIT_CAP_REACH_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_REACH) for c in SPEC_CASES] + [
+    (c.name, "fp8", backend, SPLIT_CAP_REACH) for c in SHORT_FP8_CASES for backend in ("trtllm", "triton")]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,
@@ -358,7 +371,8 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "large-head-decode": LARGE_HEAD_DECODE_CASES, "padded-head-decode": PADDED_HEAD_DECODE_CASES,
           "large-head-decode-warps": LARGE_HEAD_DECODE_WARPS_CASES, "mqa-splits": MQA_SPLITS_CASES,
           "split-partial-cap": SPLIT_PARTIAL_CAP_CASES, "fp8-min-keys": FP8_MIN_KEYS_CASES,
-          "fused-merge-splits": FUSED_MERGE_SPLITS_CASES}
+          "fused-merge-splits": FUSED_MERGE_SPLITS_CASES,
+          "split-cap-reach": SPLIT_CAP_REACH_CASES}
 
 
 def all_cases() -> dict:

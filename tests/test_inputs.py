@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import compiled_attn as ca
 from compiled_attn import AttentionMetadata, AttentionSpec
@@ -56,6 +58,47 @@ def test_metadata_padding():
     assert meta.block_table.tolist()[1] == [1, 0, 0]
     assert meta.block_table.shape == (4, 3)
     assert meta.max_query_len == 5
+
+
+def _built_by_hand(query_lens, seq_lens, block_tables, block_size, num_tokens, num_seqs, max_blocks):
+    """What ``AttentionMetadata.build`` must return, one token and one block at a time."""
+    starts, slots = [0], []
+    for q, n, blocks in zip(query_lens, seq_lens, block_tables):
+        starts.append(starts[-1] + q)
+        slots += [blocks[p // block_size] * block_size + p % block_size for p in range(n - q, n)]
+    table = [list(b) + [0] * (max_blocks - len(b)) for b in block_tables] + [[0] * max_blocks] * (num_seqs - len(block_tables))
+    return (starts + [starts[-1]] * (num_seqs - len(seq_lens)), list(seq_lens) + [0] * (num_seqs - len(seq_lens)),
+            table, slots + [-1] * (num_tokens - len(slots)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), block_size=st.sampled_from([1, 4, 16]), num_seqs=st.integers(0, 6))
+def test_metadata_build_matches_token_by_token(data, block_size, num_seqs):
+    seq_lens = data.draw(st.lists(st.integers(0, 40), min_size=num_seqs, max_size=num_seqs))
+    query_lens = [data.draw(st.integers(0, n)) for n in seq_lens]
+    widths = [-(-n // block_size) + data.draw(st.integers(0, 2)) for n in seq_lens]
+    pool = data.draw(st.permutations(range(sum(widths) + 3)))  # distinct blocks: no slot written twice
+    tables, used = [], 0
+    for w in widths:
+        tables.append(list(pool[used: used + w]))
+        used += w
+    pad_tokens, pad_seqs, max_blocks = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 2)), max(widths, default=0) + 1
+    shape = dict(num_tokens=sum(query_lens) + pad_tokens, num_seqs=num_seqs + pad_seqs, max_blocks=max_blocks)
+    # (max_query_len 1 would ask for a decode layout, which sequences without new tokens are not)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, max_query_len=max(2, sum(query_lens)),
+                                   **shape)
+    starts, lens, table, slots = _built_by_hand(query_lens, seq_lens, tables, block_size, **shape)
+    assert meta.query_start_loc.tolist() == starts and meta.query_start_loc.dtype == torch.int32
+    assert meta.seq_lens.tolist() == lens and meta.seq_lens.dtype == torch.int32
+    assert meta.block_table.tolist() == table and meta.block_table.dtype == torch.int32
+    assert meta.slot_mapping.tolist() == slots and meta.slot_mapping.dtype == torch.int64
+
+
+def test_metadata_build_takes_tuples_and_tensors():
+    lists = AttentionMetadata.build([2, 1], [2, 5], [[3], [1, 0]], block_size=4)
+    other = AttentionMetadata.build((2, 1), torch.tensor([2, 5]), [(3,), torch.tensor([1, 0])], block_size=4)
+    for a, b in zip(lists.__dict__.values(), other.__dict__.values()):
+        assert a.tolist() == b.tolist() if isinstance(a, torch.Tensor) else a == b
 
 
 @pytest.mark.parametrize(
