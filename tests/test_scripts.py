@@ -16,8 +16,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import kernel_asm  # noqa: E402
 import profile_case  # noqa: E402
+import runner_host_ab  # noqa: E402
 import tune_kernels  # noqa: E402
 
+from compiled_attn import AttentionMetadata  # noqa: E402
 from compiled_attn.kernels import paged_attention as pa  # noqa: E402
 
 
@@ -134,3 +136,14 @@ def test_paged_decode_probe_kernels_match_sdpa():
     done = subprocess.run([sys.executable, "-c", DECODE_PROBE_CHECK], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_runner_host_ab_builds_what_the_package_builds():
+    """The A/B's list-built metadata (the runner's path before numpy) equals the package's."""
+    args = ([1, 1, 1], [5, 16, 9], [[4, 0], [2, 7], [1, 3]], 8)
+    shape = dict(num_tokens=4, num_seqs=4, max_blocks=3, max_query_len=1)
+    lists = runner_host_ab.build_with_lists(*args, "cpu", **shape)
+    package = AttentionMetadata.build(*args, "cpu", **shape)
+    for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
+        a, b = getattr(lists, name), getattr(package, name)
+        assert a.dtype == b.dtype and a.tolist() == b.tolist(), name
