@@ -10,7 +10,7 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
 ``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``,
 ``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps``, ``mqa-splits``,
-``split-partial-cap``, ``fp8-min-keys``, ``fused-merge-splits``, ``split-cap-reach`` (see ``SWEEPS``).
+``split-partial-cap``, ``fp8-min-keys``, ``fused-merge-splits``, ``split-cap-reach``, ``split-cap-steps`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -350,6 +350,18 @@ SPEC_CASES = [bench.Case(f"spec {b}x{n} q4", "decode", (4,) * b, (n,) * b)
 SHORT_FP8_CASES = [bench.Case(f"decode {b}x{n}", "decode", (1,) * b, (n,) * b) for b, n in ((1, 2048), (2, 1024), (1, 512))]
 EXTRA_CASES += SPEC_CASES + SHORT_FP8_CASES
 SPLIT_CAP_REACH = [OLD_SPLITS, {}] * 3
+# --sweep split-cap-steps (--cases spec at 8 KV heads, then --kv-heads 1 --cases decode):
+# the partial cap only for steps of at least SPLIT_CAP_MIN_KEYS_PER_SM keys an SM ({}) against the
+# cap wherever it applied before (0), three times: spec decode at 496 keys an SM uncapped again
+# (b2x4096 12 -> 64 splits, b4x2048 6 -> 32, b1x8192 25 -> 64), b8x2048 (993) capped either way;
+# MQA at 496 keys an SM uncapped too (bf16 16x4096 9 -> 64, 8x8192 17 -> 64; fp8 16x4096 9 -> 16),
+# 32x4096 (993) capped either way.
+SPLIT_CAP_STEPS = [{}, dict(SPLIT_CAP_MIN_KEYS_PER_SM=0)] * 3
+MQA_STEP_CASES = [bench.Case(f"decode {b}x{n}", "decode", (1,) * b, (n,) * b) for b, n in ((16, 4096), (8, 8192))]
+EXTRA_CASES += MQA_STEP_CASES
+SPLIT_CAP_STEPS_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_STEPS) for c in SPEC_CASES[:4]] + [
+    (c.name, kv, "trtllm", SPLIT_CAP_STEPS) for c in MQA_STEP_CASES for kv in ("bf16", "fp8")] + [
+    ("decode 32x4096", kv, "trtllm", SPLIT_CAP_STEPS) for kv in ("bf16", "fp8")]
 # (Spec-decode steps take the unified kernel on both backends.)
 SPLIT_CAP_REACH_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_REACH) for c in SPEC_CASES] + [
     (c.name, "fp8", backend, SPLIT_CAP_REACH) for c in SHORT_FP8_CASES for backend in ("trtllm", "triton")]
@@ -372,7 +384,7 @@ SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "sched
           "large-head-decode-warps": LARGE_HEAD_DECODE_WARPS_CASES, "mqa-splits": MQA_SPLITS_CASES,
           "split-partial-cap": SPLIT_PARTIAL_CAP_CASES, "fp8-min-keys": FP8_MIN_KEYS_CASES,
           "fused-merge-splits": FUSED_MERGE_SPLITS_CASES,
-          "split-cap-reach": SPLIT_CAP_REACH_CASES}
+          "split-cap-reach": SPLIT_CAP_REACH_CASES, "split-cap-steps": SPLIT_CAP_STEPS_CASES}
 
 
 def all_cases() -> dict:

@@ -110,11 +110,16 @@ DECODE_RESIDENT_PER_SM, DECODE_RESIDENT_PER_SM_FP8 = 4, 2
 # programs win whatever their partials cost (8 query heads a KV head, batch 1: 38 splits 10.1-10.3
 # us against 64 splits 9.6). And only where the capped grid is one wave of resident programs: past
 # that the wave target's count fills the last wave better (16 query heads a KV head, fp8 32x4096:
-# 6 splits 47.7-48.1 us against 8 splits 42.7). MQA at 0.1 (H100): bf16 32x4096 44.3-44.8 -> 38.9-39.2
+# 6 splits 47.7-48.1 us against 8 splits 42.7). And only where the step holds at least
+# SPLIT_CAP_MIN_KEYS_PER_SM keys (a KV head's) an SM: smaller steps are latency-bound too, whatever
+# their split lengths (4-token spec decode, 8 KV heads, 4096 keys an SM... 496 an SM at batch 2:
+# capped 21.8-21.9 us against 20.5-20.7; batch 1 of 8192 23.9-24.0 against 18.7-18.9; at 993 an SM,
+# batch 8 of 2048, 31.5-32.1 -> 29.1-29.3). MQA at 0.1 (H100): bf16 32x4096 44.3-44.8 -> 38.9-39.2
 # us, 128x2048 76.3-76.9 -> 62.6-63.0, fp8 58.3-59.2 -> 34.2-34.7 and 60.9-61.7 -> 42.4-43.9.
-# tune_h100.json "mqa_splits", "split_partial_cap".
+# tune_h100.json "mqa_splits", "split_partial_cap", "split_cap_reach".
 SPLIT_MAX_PARTIAL_SHARE = 0.1
 SPLIT_CAP_MIN_KEYS = 256
+SPLIT_CAP_MIN_KEYS_PER_SM = 768
 # fp8 grids that splits of SPLIT_MIN_KEYS_FP8 leave with programs for under SMALL_GRID_FILL of the
 # SMs (one KV head at batch 1: 16 programs) split as finely as bf16, in 64-key tiles where a split
 # holds no more (SHORT_SPLIT_TILE_N_FP8): MQA batch 1 15.6-15.8 -> 6.9 us (tune_h100.json
@@ -620,7 +625,7 @@ def choose_num_splits(
     if programs * math.ceil(max_context / min_keys) < SMALL_GRID_FILL * num_sms:
         min_keys = min(min_keys, SPLIT_MIN_KEYS)
     max_splits = MAX_SPLITS
-    if SPLIT_MAX_PARTIAL_SHARE:
+    if SPLIT_MAX_PARTIAL_SHARE and programs * max_context >= SPLIT_CAP_MIN_KEYS_PER_SM * num_sms:
         cap = max(partial_traffic_cap(max_context=max_context, rows=group * max(max_query_len, 1), fp8=fp8),
                   math.ceil(num_sms / programs))
         if max_context >= cap * SPLIT_CAP_MIN_KEYS and programs * cap <= resident * num_sms:
