@@ -157,15 +157,6 @@ class CUDAGraphRunner:
         self._seq_lens = torch.zeros(max_num_seqs, dtype=torch.int32, device=self.device)
         self._block_table = torch.zeros(max_num_seqs, max_blocks, dtype=torch.int32, device=self.device)
         self._slots = torch.full((max_tokens,), PAD_SLOT, dtype=torch.int64, device=self.device)
-        # Pinned host twins of the metadata buffers: a copy from pageable memory waits for the
-        # stream (a step's host work would wait for the previous step's replay); from pinned memory
-        # it is queued, and the next step's host work overlaps this one's replay. The event marks
-        # when the copies have read the twins, so the next step may overwrite them.
-        self._host_meta = None
-        if self.device.type == "cuda":
-            self._host_meta = [torch.empty(t.shape, dtype=t.dtype).pin_memory()
-                               for t in (self._starts, self._seq_lens, self._block_table, self._slots)]
-            self._host_meta_read = torch.cuda.Event()
         self._graphs: dict[Bucket, tuple[torch.cuda.CUDAGraph | None, torch.Tensor | None, tuple]] = {}
         self.pool = None
         self.graph_memory_bytes = 0
@@ -240,8 +231,7 @@ class CUDAGraphRunner:
     def run(self, token_inputs: Sequence[torch.Tensor], batch: BatchLayout) -> torch.Tensor:
         """Pad ``batch`` to its bucket, replay (or run eagerly), return the unpadded output.
 
-        ``token_inputs`` are the real tokens' inputs (dim 0 = ``batch.num_tokens``); on the GPU
-        already, or in pinned memory, so that copying them does not wait for the stream. The result
+        ``token_inputs`` are the real tokens' inputs (dim 0 = ``batch.num_tokens``). The result
         is a view of a static buffer on the graph path: consume it before the next ``run``.
         """
         bucket = choose_bucket(batch, self.decode_buckets, self.prefill_buckets, self.max_num_seqs, self.max_blocks)
@@ -269,18 +259,10 @@ class CUDAGraphRunner:
         for buf, x in zip(self._tokens, token_inputs):
             buf[: x.shape[0]].copy_(x, non_blocking=True)
             buf[x.shape[0]: t].zero_()
-        sources = (meta.query_start_loc, meta.seq_lens, meta.block_table, meta.slot_mapping)
-        targets = (self._starts[: b + 1], self._seq_lens[:b], self._block_table[:b], self._slots[:t])
-        if self._host_meta is None or sources[0].device.type != "cpu":
-            for target, source in zip(targets, sources):
-                target.copy_(source, non_blocking=True)
-            return
-        self._host_meta_read.synchronize()  # the previous step's copies are done with the twins
-        for target, twin, source in zip(targets, self._host_meta, sources):
-            staged = twin[: source.shape[0]]
-            staged.copy_(source)
-            target.copy_(staged, non_blocking=True)
-        self._host_meta_read.record()
+        self._starts[: b + 1].copy_(meta.query_start_loc, non_blocking=True)
+        self._seq_lens[:b].copy_(meta.seq_lens, non_blocking=True)
+        self._block_table[:b].copy_(meta.block_table, non_blocking=True)
+        self._slots[:t].copy_(meta.slot_mapping, non_blocking=True)
 
     def _eager(self, token_inputs: Sequence[torch.Tensor], batch: BatchLayout, reason: str) -> torch.Tensor:
         logger.info("running a step eagerly: %s", reason)

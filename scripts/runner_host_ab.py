@@ -4,12 +4,11 @@
 
 A Llama-3.2-1B-shaped model (random weights, the auto backend) compiled and captured for one
 decode bucket per batch size, as ``compiled-attn bench-model`` does; then ``runner.run`` timed
-synced (a device sync per step) and pipelined (steps back to back), alternating three host paths:
+synced (a device sync per step) and pipelined (steps back to back), alternating two ways of
+building the step's metadata on the host:
 
-- ``lists``: metadata built with Python lists (token by token, block by block) and copied from
-  pageable memory, which waits for the stream: the runner before numpy and pinned twins;
-- ``numpy pageable``: ``AttentionMetadata.build`` with numpy, copied from pageable memory;
-- ``numpy pinned``: the same staged through the runner's pinned twins.
+- ``lists``: with Python lists, token by token and block by block (the package before numpy);
+- ``numpy``: ``AttentionMetadata.build`` as it is.
 """
 
 from __future__ import annotations
@@ -49,7 +48,7 @@ def build_with_lists(query_lens, seq_lens, block_tables, block_size, device="cpu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batches", default="1,64,256")
+    parser.add_argument("--batches", default="1,8,64,256")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", default="runner_host_ab.json")
@@ -75,13 +74,10 @@ def main() -> None:
                                      max_blocks=blocks_per_seq, max_num_seqs=batch, decode_buckets=[batch],
                                      prefill_buckets=[], device="cuda", output_rows="seqs")
             runner.capture()
-            twins = runner._host_meta
-            list_build = classmethod(lambda cls, *a, **k: build_with_lists(*a, **k))
-            paths = {"lists": (list_build, None), "numpy pageable": (numpy_build, None),
-                     "numpy pinned": (numpy_build, twins)}
+            paths = {"lists": classmethod(lambda cls, *a, **k: build_with_lists(*a, **k)), "numpy": numpy_build}
             for _ in range(args.rounds):
-                for path, (build, host_meta) in paths.items():
-                    AttentionMetadata.build, runner._host_meta = build, host_meta
+                for path, build in paths.items():
+                    AttentionMetadata.build = build
                     run = lambda: runner.run([ids, positions], layout)  # noqa: E731
                     row = {"batch": batch, "path": path, "synced_ms": median_ms(run), "pipelined_ms": pipelined_ms(run)}
                     rows.append(row)
