@@ -148,7 +148,8 @@ class AttentionMetadata:
         if total > 1:
             written = np.sort(slots[:total])
             if (written[1:] == written[:-1]).any():
-                raise ValueError("slot_mapping writes the same cache slot twice; two sequences share a block they both write")
+                raise ValueError("slot_mapping writes the same cache slot twice; "
+                                 "two sequences share a block they both write")
         lens = np.zeros(num_seqs, dtype=np.int32)
         lens[: len(seq_lens)] = seq_lens
         return cls(

@@ -39,7 +39,8 @@ def build_with_lists(query_lens, seq_lens, block_tables, block_size, device="cpu
     total = starts[-1]
     starts += [total] * (num_seqs - len(seq_lens))
     slots += [PAD_SLOT] * (num_tokens - total)
-    rows = [list(b) + [0] * (max_blocks - len(b)) for b in block_tables] + [[0] * max_blocks] * (num_seqs - len(block_tables))
+    rows = [list(b) + [0] * (max_blocks - len(b)) for b in block_tables]
+    rows += [[0] * max_blocks] * (num_seqs - len(block_tables))
     return AttentionMetadata(
         torch.tensor(starts, dtype=torch.int32), torch.tensor(list(seq_lens) + [0] * (num_seqs - len(seq_lens)),
                                                               dtype=torch.int32),

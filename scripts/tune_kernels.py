@@ -10,7 +10,8 @@ The budget is split evenly over the cases. ``--sweep``: ``tiles`` (the default),
 ``small-grid-tiles``, ``prefill-two-programs``, ``prefill-one-warpgroup``,
 ``decode-32-key-tiles``, ``prefill-order``, ``large-head-prefill``, ``large-head-prefill-fp8``,
 ``large-head-decode``, ``padded-head-decode``, ``large-head-decode-warps``, ``mqa-splits``,
-``split-partial-cap``, ``fp8-min-keys``, ``fused-merge-splits``, ``split-cap-reach``, ``split-cap-steps`` (see ``SWEEPS``).
+``split-partial-cap``, ``fp8-min-keys``, ``fused-merge-splits``, ``split-cap-reach``,
+``split-cap-steps`` (see ``SWEEPS``).
 A sweep maps a constant to the values to try (every combination), or is a list of whole
 configurations; each configuration starts from the defaults.
 ``--cases TEXT`` keeps the cases whose name holds TEXT; ``--block-size N`` pages of N tokens (16);
@@ -344,12 +345,17 @@ FUSED_MERGE_SPLITS_CASES = [(name, kv, "trtllm", FUSED_MERGE_SPLITS) for kv in (
 # without having been timed there (both rules against neither, three times): spec-decode buckets of
 # 4 tokens a sequence, whose 16 rows a KV head bring the partial cap in (bf16 b2x4096 64 -> 12
 # splits, b4x2048 32 -> 6, b8x2048 16 -> 6, b16x1024 8 -> 3), and short fp8 decode at small batch,
-# which small-grid fill splits finely (b1x2048 8 -> 32, b2x1024 4 -> 16, b1x512 2 -> 8).
+# which small-grid fill splits finely (b1x2048 8 -> 32, b2x1024 4 -> 16, b1x512 2 -> 8). (Run before
+# SPLIT_CAP_MIN_KEYS_PER_SM existed, which it led to: {} now leaves b1-b4 of the spec cases uncapped.)
 SPEC_CASES = [bench.Case(f"spec {b}x{n} q4", "decode", (4,) * b, (n,) * b)
               for b, n in ((1, 8192), (2, 4096), (4, 2048), (8, 2048), (16, 1024))]
-SHORT_FP8_CASES = [bench.Case(f"decode {b}x{n}", "decode", (1,) * b, (n,) * b) for b, n in ((1, 2048), (2, 1024), (1, 512))]
+SHORT_FP8_CASES = [bench.Case(f"decode {b}x{n}", "decode", (1,) * b, (n,) * b)
+                   for b, n in ((1, 2048), (2, 1024), (1, 512))]
 EXTRA_CASES += SPEC_CASES + SHORT_FP8_CASES
 SPLIT_CAP_REACH = [OLD_SPLITS, {}] * 3
+# (Spec-decode steps take the unified kernel on both backends.)
+SPLIT_CAP_REACH_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_REACH) for c in SPEC_CASES] + [
+    (c.name, "fp8", backend, SPLIT_CAP_REACH) for c in SHORT_FP8_CASES for backend in ("trtllm", "triton")]
 # --sweep split-cap-steps (--cases spec at 8 KV heads, then --kv-heads 1 --cases decode):
 # the partial cap only for steps of at least SPLIT_CAP_MIN_KEYS_PER_SM keys an SM ({}) against the
 # cap wherever it applied before (0), three times: spec decode at 496 keys an SM uncapped again
@@ -362,9 +368,6 @@ EXTRA_CASES += MQA_STEP_CASES
 SPLIT_CAP_STEPS_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_STEPS) for c in SPEC_CASES[:4]] + [
     (c.name, kv, "trtllm", SPLIT_CAP_STEPS) for c in MQA_STEP_CASES for kv in ("bf16", "fp8")] + [
     ("decode 32x4096", kv, "trtllm", SPLIT_CAP_STEPS) for kv in ("bf16", "fp8")]
-# (Spec-decode steps take the unified kernel on both backends.)
-SPLIT_CAP_REACH_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_REACH) for c in SPEC_CASES] + [
-    (c.name, "fp8", backend, SPLIT_CAP_REACH) for c in SHORT_FP8_CASES for backend in ("trtllm", "triton")]
 SWEEPS = {"tiles": CASES, "fused": FUSED_CASES, "fp8-dot": FP8_DOT_CASES, "schedule": SCHEDULE_CASES,
           "defaults": DEFAULT_CASES, "splits": SPLITS_CASES, "prefill": PREFILL_ROWS_CASES,
           "stages": STAGES_CASES, "warps": WARPS_CASES,

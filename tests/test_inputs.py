@@ -66,7 +66,8 @@ def _built_by_hand(query_lens, seq_lens, block_tables, block_size, num_tokens, n
     for q, n, blocks in zip(query_lens, seq_lens, block_tables):
         starts.append(starts[-1] + q)
         slots += [blocks[p // block_size] * block_size + p % block_size for p in range(n - q, n)]
-    table = [list(b) + [0] * (max_blocks - len(b)) for b in block_tables] + [[0] * max_blocks] * (num_seqs - len(block_tables))
+    table = [list(b) + [0] * (max_blocks - len(b)) for b in block_tables]
+    table += [[0] * max_blocks] * (num_seqs - len(block_tables))
     return (starts + [starts[-1]] * (num_seqs - len(seq_lens)), list(seq_lens) + [0] * (num_seqs - len(seq_lens)),
             table, slots + [-1] * (num_tokens - len(slots)))
 
@@ -82,8 +83,9 @@ def test_metadata_build_matches_token_by_token(data, block_size, num_seqs):
     for w in widths:
         tables.append(list(pool[used: used + w]))
         used += w
-    pad_tokens, pad_seqs, max_blocks = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 2)), max(widths, default=0) + 1
-    shape = dict(num_tokens=sum(query_lens) + pad_tokens, num_seqs=num_seqs + pad_seqs, max_blocks=max_blocks)
+    pad_tokens, pad_seqs = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 2))
+    shape = dict(num_tokens=sum(query_lens) + pad_tokens, num_seqs=num_seqs + pad_seqs,
+                 max_blocks=max(widths, default=0) + 1)
     # (max_query_len 1 would ask for a decode layout, which sequences without new tokens are not)
     meta = AttentionMetadata.build(query_lens, seq_lens, tables, block_size, max_query_len=max(2, sum(query_lens)),
                                    **shape)

@@ -112,11 +112,12 @@ DECODE_RESIDENT_PER_SM, DECODE_RESIDENT_PER_SM_FP8 = 4, 2
 # that the wave target's count fills the last wave better (16 query heads a KV head, fp8 32x4096:
 # 6 splits 47.7-48.1 us against 8 splits 42.7). And only where the step holds at least
 # SPLIT_CAP_MIN_KEYS_PER_SM keys (a KV head's) an SM: smaller steps are latency-bound too, whatever
-# their split lengths (4-token spec decode, 8 KV heads, 4096 keys an SM... 496 an SM at batch 2:
-# capped 21.8-21.9 us against 20.5-20.7; batch 1 of 8192 23.9-24.0 against 18.7-18.9; at 993 an SM,
-# batch 8 of 2048, 31.5-32.1 -> 29.1-29.3). MQA at 0.1 (H100): bf16 32x4096 44.3-44.8 -> 38.9-39.2
-# us, 128x2048 76.3-76.9 -> 62.6-63.0, fp8 58.3-59.2 -> 34.2-34.7 and 60.9-61.7 -> 42.4-43.9.
-# tune_h100.json "mqa_splits", "split_partial_cap", "split_cap_reach".
+# their split lengths (H200, 4-token spec decode at 8 KV heads, 496 keys an SM: batch 2 of 4096
+# capped 21.8-21.9 us against 20.5-20.8 uncapped, batch 1 of 8192 23.7-24.0 against 18.5-18.9; at
+# 993 keys an SM, batch 8 of 2048, 31.5-32.1 -> 29.1-29.3; MQA 8x8192 24.9 -> 21.0 uncapped).
+# MQA at 0.1 (H100): bf16 32x4096 44.3-44.8 -> 38.9-39.2 us, 128x2048 76.3-76.9 -> 62.6-63.0, fp8
+# 58.3-59.2 -> 34.2-34.7 and 60.9-61.7 -> 42.4-43.9. tune_h100.json "mqa_splits",
+# "split_partial_cap", "split_cap_reach", "split_cap_steps".
 SPLIT_MAX_PARTIAL_SHARE = 0.1
 SPLIT_CAP_MIN_KEYS = 256
 SPLIT_CAP_MIN_KEYS_PER_SM = 768
