@@ -96,6 +96,20 @@ def test_metadata_build_matches_token_by_token(data, block_size, num_seqs):
     assert meta.slot_mapping.tolist() == slots and meta.slot_mapping.dtype == torch.int64
 
 
+@settings(max_examples=100, deadline=None)
+@given(data=st.data(), num_seqs=st.integers(1, 5))
+def test_metadata_build_names_the_first_sequence_with_a_block_outside_the_cache(data, num_seqs):
+    num_blocks = 64
+    widths = data.draw(st.lists(st.integers(1, 4), min_size=num_seqs, max_size=num_seqs))
+    pool = data.draw(st.permutations(range(num_blocks)))
+    tables = [list(pool[4 * s: 4 * s + w]) for s, w in enumerate(widths)]
+    bad_seq = data.draw(st.integers(0, num_seqs - 1))
+    bad_id = data.draw(st.sampled_from([-1, -7, num_blocks, num_blocks + 100]))
+    tables[bad_seq][data.draw(st.integers(0, widths[bad_seq] - 1))] = bad_id
+    with pytest.raises(ValueError, match=rf"sequence {bad_seq}: block table entries \[{bad_id}\] are outside"):
+        AttentionMetadata.build([1] * num_seqs, [1] * num_seqs, tables, 16, num_blocks=num_blocks)
+
+
 def test_metadata_build_takes_tuples_and_tensors():
     lists = AttentionMetadata.build([2, 1], [2, 5], [[3], [1, 0]], block_size=4)
     other = AttentionMetadata.build((2, 1), torch.tensor([2, 5]), [(3,), torch.tensor([1, 0])], block_size=4)
