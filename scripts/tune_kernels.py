@@ -341,16 +341,23 @@ FUSED_MERGE_SPLITS = [{}, both_kernels("FUSED_MAX_SPLITS", 4), both_kernels("FUS
 FUSED_MERGE_SPLITS_CASES = [(name, kv, "trtllm", FUSED_MERGE_SPLITS) for kv in ("bf16", "fp8")
                             for name in DECODE_CASE_NAMES] + [
     (name, "bf16", "triton", FUSED_MERGE_SPLITS) for name in DECODE_CASE_NAMES[1:3]]
+
+
+def uniform_decode_cases(shapes, query_len: int = 1) -> list:
+    """Decode-shaped cases of ``batch`` sequences of ``context`` keys each, ``query_len`` new tokens a
+    sequence, for every (batch, context) of ``shapes``: "decode BxN", or "spec BxN qQ" for several."""
+    name = "decode {}x{}" if query_len == 1 else f"spec {{}}x{{}} q{query_len}"
+    return [bench.Case(name.format(b, n), "decode", (query_len,) * b, (n,) * b) for b, n in shapes]
+
+
 # --sweep split-cap-reach: shapes the split rules of the MQA round move at the benchmark's 8 KV heads
 # without having been timed there (both rules against neither, three times): spec-decode buckets of
 # 4 tokens a sequence, whose 16 rows a KV head bring the partial cap in (bf16 b2x4096 64 -> 12
 # splits, b4x2048 32 -> 6, b8x2048 16 -> 6, b16x1024 8 -> 3), and short fp8 decode at small batch,
 # which small-grid fill splits finely (b1x2048 8 -> 32, b2x1024 4 -> 16, b1x512 2 -> 8). (Run before
 # SPLIT_CAP_MIN_KEYS_PER_SM existed, which it led to: {} now leaves b1-b4 of the spec cases uncapped.)
-SPEC_CASES = [bench.Case(f"spec {b}x{n} q4", "decode", (4,) * b, (n,) * b)
-              for b, n in ((1, 8192), (2, 4096), (4, 2048), (8, 2048), (16, 1024))]
-SHORT_FP8_CASES = [bench.Case(f"decode {b}x{n}", "decode", (1,) * b, (n,) * b)
-                   for b, n in ((1, 2048), (2, 1024), (1, 512))]
+SPEC_CASES = uniform_decode_cases(((1, 8192), (2, 4096), (4, 2048), (8, 2048), (16, 1024)), query_len=4)
+SHORT_FP8_CASES = uniform_decode_cases(((1, 2048), (2, 1024), (1, 512)))
 EXTRA_CASES += SPEC_CASES + SHORT_FP8_CASES
 SPLIT_CAP_REACH = [OLD_SPLITS, {}] * 3
 # (Spec-decode steps take the unified kernel on both backends.)
@@ -363,7 +370,7 @@ SPLIT_CAP_REACH_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_REACH) for c in SP
 # MQA at 496 keys an SM uncapped too (bf16 16x4096 9 -> 64, 8x8192 17 -> 64; fp8 16x4096 9 -> 16),
 # 32x4096 (993) capped either way.
 SPLIT_CAP_STEPS = [{}, dict(SPLIT_CAP_MIN_KEYS_PER_SM=0)] * 3
-MQA_STEP_CASES = [bench.Case(f"decode {b}x{n}", "decode", (1,) * b, (n,) * b) for b, n in ((16, 4096), (8, 8192))]
+MQA_STEP_CASES = uniform_decode_cases(((16, 4096), (8, 8192)))
 EXTRA_CASES += MQA_STEP_CASES
 SPLIT_CAP_STEPS_CASES = [(c.name, "bf16", "triton", SPLIT_CAP_STEPS) for c in SPEC_CASES[:4]] + [
     (c.name, kv, "trtllm", SPLIT_CAP_STEPS) for c in MQA_STEP_CASES for kv in ("bf16", "fp8")] + [
