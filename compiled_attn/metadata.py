@@ -115,7 +115,8 @@ class AttentionMetadata:
         total = sum(query_lens)
         num_tokens = total if num_tokens is None else num_tokens
         num_seqs = len(seq_lens) if num_seqs is None else num_seqs
-        widest = max((len(b) for b in block_tables), default=0)
+        widths = [len(b) for b in block_tables]
+        widest = max(widths, default=0)
         max_blocks = max(widest, 1) if max_blocks is None else max_blocks
         if num_tokens < total or num_seqs < len(seq_lens) or max_blocks < widest:
             raise ValueError(
@@ -135,7 +136,7 @@ class AttentionMetadata:
         table = np.zeros((num_seqs, max_blocks), dtype=np.int32)
         for row, blocks in zip(table, block_tables):
             row[: len(blocks)] = blocks
-        _check_block_ids(table, [len(b) for b in block_tables], num_blocks)
+        _check_block_ids(table, widths, num_blocks)
         q = np.asarray(query_lens, dtype=np.int64)
         starts = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(q, out=starts[1 : len(seq_lens) + 1])
