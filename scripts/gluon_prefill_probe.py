@@ -1,0 +1,468 @@
+"""Causal prefill attention in Gluon for Hopper, with no pages: does what plain Triton 3.6 cannot emit
+on sm_90 (a TMA producer warp feeding wgmma consumer warpgroups, each consumer overlapping one key
+tile's softmax with the next tile's Q·K^T and the previous tile's P·V) reach the goal that our
+Triton kernel misses? (GPU only; a diagnostic, not part of the package.)
+
+    python scripts/gluon_prefill_probe.py --json out/gluon_probe.json
+
+The shape is the benchmark's prefill 8x2048 (and 1x16384): 32 query heads, 8 KV heads, head 128,
+bf16, causal, on ``[B*N, heads*D]`` tensors. A program (CTA) takes ``BLOCK_M`` tokens of one query
+head: two consumer warpgroups of ``BLOCK_M // 2`` rows each (the default partition and a worker),
+and one producer warp that loads Q once and K/V tiles through a ring of ``STAGES`` buffers
+(TMA, mbarriers). Query blocks run longest first. cuDNN, FlashAttention-2 (SDPA) and our paged
+kernel run in the same process; each row reports the largest error against float32 SDPA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+LOG2E = 1.4426950408889634
+
+
+@gluon.jit
+def _softmax_tile(s, m_i, l_i, q_pos, key0, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                  MASKED: gl.constexpr):
+    """Online softmax of one score tile in log2 units: the tile's probabilities, the new row max and
+    sum, and the factor the running output is rescaled by."""
+    if MASKED:
+        keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(q_pos, 1) >= gl.expand_dims(keys, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, m_new, l_i, alpha
+
+
+@gluon.jit
+def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale,
+              row0, first, col, n_tiles, n_full, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+              STAGES: gl.constexpr):
+    """One warpgroup's ``BLOCK_M // 2`` query rows against the key tiles ``[0, n_tiles)``; tiles from
+    ``n_full`` on cross the diagonal and are masked."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    q_smem_wg = q_smem.index(wg)
+    q_pos = first + wg * HALF + gl.arange(0, HALF, layout=row_layout)
+    m_i = gl.full([HALF], float("-inf"), gl.float32, layout=row_layout)
+    l_i = gl.zeros([HALF], gl.float32, layout=row_layout)
+    acc = gl.zeros([HALF, D], gl.float32, layout=o_layout)
+    zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+    mbarrier.wait(q_bar, 0)
+
+    # Tile 0 alone: its scores are the first thing to wait for.
+    mbarrier.wait(k_ready.index(0), 0)
+    s = warpgroup_mma(q_smem_wg, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+    s = warpgroup_mma_wait(0, deps=(s, ))
+    mbarrier.arrive(k_empty.index(0))
+    if n_full > 0:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, False)
+    else:
+        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, True)
+    p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+
+    for j in range(1, n_tiles):
+        stage = j % STAGES
+        prev = (j - 1) % STAGES
+        # Issue this tile's Q·K^T and the previous tile's P·V; the softmax below runs while P·V does.
+        mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+        s = warpgroup_mma(q_smem_wg, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+        s = warpgroup_mma_wait(1, deps=(s, ))
+        mbarrier.arrive(k_empty.index(stage))
+        if j < n_full:
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout, BLOCK_N, False)
+        else:
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout, BLOCK_N, True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(v_empty.index(prev))
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(gl.bfloat16), p_layout)
+
+    last = (n_tiles - 1) % STAGES
+    mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+    acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+    mbarrier.arrive(v_empty.index(last))
+
+    l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+    out = (acc / gl.expand_dims(l_o, 1)).to(gl.bfloat16)
+    # The query tile is no longer read: it stages the output for the TMA store.
+    q_smem_wg.store(out)
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [row0 + wg * HALF, col], q_smem_wg)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+              q_row, q_col, kv_row, kv_col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: Q once, then K and V tiles through the ring, each into a slot both consumers freed."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete
+        mbarrier.wait(k_empty.index(stage), free_phase)
+        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage),
+                                        k_smem.index(stage))
+        mbarrier.wait(v_empty.index(stage), free_phase)
+        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage),
+                                        v_smem.index(stage))
+
+
+@gluon.jit
+def _causal_attention(q_desc, k_desc, v_desc, o_desc, qk_scale, N: gl.constexpr, H: gl.constexpr,
+                      KVH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """Program (head x sequence, query block); blocks longest first (axis 1 reversed)."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    head_seq = gl.program_id(0)
+    block = gl.num_programs(1) - 1 - gl.program_id(1)
+    head = head_seq % H
+    seq = head_seq // H
+    kv_head = head // (H // KVH)
+    row0 = seq * N + block * BLOCK_M
+    first = block * BLOCK_M
+    n_tiles = gl.cdiv(first + BLOCK_M, BLOCK_N)
+    n_full = first // BLOCK_N
+
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HALF, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+
+    WG0: gl.constexpr = 0
+    WG1: gl.constexpr = 1
+    gl.warp_specialize([
+        (_consumer, (WG0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale, row0,
+                     first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
+        (_consumer, (WG1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale, row0,
+                     first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, row0,
+                     head * D, seq * N, kv_head * D, n_tiles, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+@gluon.jit
+def _paged_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                    q_row, q_col, kv_col, bt_row_ptr, seq_len, n_tiles, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+                    STAGES: gl.constexpr):
+    """As ``_producer``, with K/V rows found through the block table: a tile is ``BLOCK_N // BOX``
+    boxes of ``BOX = min(PAGE, BLOCK_N)`` rows, each one TMA copy from its page."""
+    HALF: gl.constexpr = q_desc.block_type.shape[0]
+    BOX: gl.constexpr = k_desc.block_type.shape[0]
+    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1))
+    for j in range(n_tiles):
+        stage = j % STAGES
+        free_phase = ((j // STAGES) & 1) ^ 1
+        mbarrier.wait(k_empty.index(stage), free_phase)
+        mbarrier.expect(k_ready.index(stage), BLOCK_N * k_desc.block_type.nbytes // BOX)
+        for i in gl.static_range(BLOCK_N // BOX):
+            key = j * BLOCK_N + i * BOX
+            # Keys past the sequence (masked anyway) read block 0, never a table entry out of range.
+            block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+            tma.async_copy_global_to_shared(k_desc, [block * PAGE + key % PAGE, kv_col], k_ready.index(stage),
+                                            k_smem.index(stage).slice(i * BOX, BOX))
+        mbarrier.wait(v_empty.index(stage), free_phase)
+        mbarrier.expect(v_ready.index(stage), BLOCK_N * v_desc.block_type.nbytes // BOX)
+        for i in gl.static_range(BLOCK_N // BOX):
+            key = j * BLOCK_N + i * BOX
+            block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+            tma.async_copy_global_to_shared(v_desc, [block * PAGE + key % PAGE, kv_col], v_ready.index(stage),
+                                            v_smem.index(stage).slice(i * BOX, BOX))
+
+
+@gluon.jit
+def _paged_causal_attention(q_desc, k_desc, v_desc, o_desc, bt_ptr, s_bt, qk_scale, N: gl.constexpr,
+                            H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                            BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    """``_causal_attention`` over a paged cache (K/V descriptors over ``[blocks * PAGE, KVH * D]``)."""
+    HALF: gl.constexpr = BLOCK_M // 2
+    head_seq = gl.program_id(0)
+    block = gl.num_programs(1) - 1 - gl.program_id(1)
+    head = head_seq % H
+    seq = head_seq // H
+    kv_head = head // (H // KVH)
+    row0 = seq * N + block * BLOCK_M
+    first = block * BLOCK_M
+    n_tiles = gl.cdiv(first + BLOCK_M, BLOCK_N)
+    n_full = first // BLOCK_N
+
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HALF, D], q_desc.layout)
+    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    bt_row_ptr = bt_ptr + seq * s_bt
+
+    WG0: gl.constexpr = 0
+    WG1: gl.constexpr = 1
+    gl.warp_specialize([
+        (_consumer, (WG0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale, row0,
+                     first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
+        (_consumer, (WG1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale, row0,
+                     first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
+        (_paged_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                           row0, head * D, kv_head * D, bt_row_ptr, N, n_tiles, BLOCK_N, PAGE, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def causal_attention(q, k, v, out, *, block_m: int = 128, block_n: int = 128, stages: int = 2,
+                     producer_regs: int = 24, consumer_regs: int = 240):
+    """A launcher for ``q``/``out`` ``[B, N, H, D]`` and ``k``/``v`` ``[B, N, KVH, D]`` (contiguous)."""
+    nb, n, h, d = q.shape
+    kvh = k.shape[2]
+    assert n % block_m == 0 and d == 128, "the probe covers whole blocks of head 128"
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m // 2, d], gl.bfloat16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.bfloat16)
+    q2, o2 = q.view(nb * n, h * d), out.view(nb * n, h * d)
+    k2, v2 = k.view(nb * n, kvh * d), v.view(nb * n, kvh * d)
+    descs = (TensorDescriptor.from_tensor(q2, [block_m // 2, d], q_layout),
+             TensorDescriptor.from_tensor(k2, [block_n, d], kv_layout),
+             TensorDescriptor.from_tensor(v2, [block_n, d], kv_layout),
+             TensorDescriptor.from_tensor(o2, [block_m // 2, d], q_layout))
+    grid = (h * nb, n // block_m)
+
+    def launch():
+        _causal_attention[grid](*descs, d ** -0.5 * LOG2E, N=n, H=h, KVH=kvh, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+                                STAGES=stages, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
+                                num_warps=4)
+    return launch
+
+
+def paged_causal_attention(q, cache, block_table, out, *, block_m: int = 128, block_n: int = 128, stages: int = 2,
+                           producer_regs: int = 24, consumer_regs: int = 240):
+    """``causal_attention`` with K/V from ``cache`` ``[2, blocks, page, KVH, D]`` through ``block_table``."""
+    nb, n, h, d = q.shape
+    _, blocks, page, kvh, _ = cache.shape
+    box = min(page, block_n)
+    q_layout = gl.NVMMASharedLayout.get_default_for([block_m // 2, d], gl.bfloat16)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.bfloat16)
+    q2, o2 = q.view(nb * n, h * d), out.view(nb * n, h * d)
+    k2, v2 = cache[0].view(blocks * page, kvh * d), cache[1].view(blocks * page, kvh * d)
+    descs = (TensorDescriptor.from_tensor(q2, [block_m // 2, d], q_layout),
+             TensorDescriptor.from_tensor(k2, [box, d], kv_layout),
+             TensorDescriptor.from_tensor(v2, [box, d], kv_layout),
+             TensorDescriptor.from_tensor(o2, [block_m // 2, d], q_layout))
+    grid = (h * nb, n // block_m)
+
+    def launch():
+        _paged_causal_attention[grid](*descs, block_table, block_table.stride(0), d ** -0.5 * LOG2E, N=n, H=h,
+                                      KVH=kvh, D=d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, STAGES=stages,
+                                      PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
+    return launch
+
+
+VARIANTS = {
+    "n128_s2": dict(block_n=128, stages=2),
+    "n64_s4": dict(block_n=64, stages=4),
+    "n64_s3": dict(block_n=64, stages=3),
+    "n128_s2_r232": dict(block_n=128, stages=2, consumer_regs=232, producer_regs=40),
+    "paged16_n128_s2": dict(block_n=128, stages=2, page=16),
+    "paged16_n64_s4": dict(block_n=64, stages=4, page=16),
+    "paged64_n128_s2": dict(block_n=128, stages=2, page=64),
+    "paged256_n128_s2": dict(block_n=128, stages=2, page=256),
+}
+SHAPES = {"8x2048": (8, 2048), "1x16384": (1, 16384), "16x1024": (16, 1024)}
+H, KV_HEADS, D = 32, 8, 128
+
+
+def _inputs(shape: str, kv_heads: int = KV_HEADS):
+    nb, n = SHAPES[shape]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(nb, n, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(nb, n, kv_heads, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(nb, n, kv_heads, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    return q, k, v
+
+
+def _paged(k, v, page: int):
+    """K/V ``[B, N, KVH, D]`` as a cache of shuffled pages and its block table."""
+    nb, n, kvh, d = k.shape
+    blocks = nb * n // page
+    perm = torch.randperm(blocks, device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    cache = torch.empty(2, blocks, page, kvh, d, device="cuda", dtype=k.dtype)
+    cache[0][perm] = k.reshape(blocks, page, kvh, d)
+    cache[1][perm] = v.reshape(blocks, page, kvh, d)
+    return cache, perm.view(nb, n // page).to(torch.int32)
+
+
+def _reference(q, k, v):
+    """float32 causal attention (memory-efficient SDPA, K/V heads repeated for the query heads)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    group = q.shape[2] // k.shape[2]
+    qt, kt, vt = (x.transpose(1, 2).float() for x in (q, k, v))
+    kt, vt = kt.repeat_interleave(group, 1), vt.repeat_interleave(group, 1)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+
+
+def _flops(shape: str) -> float:
+    nb, n = SHAPES[shape]
+    return nb * 4 * H * D * n * (n + 1) / 2  # causal: each query row sees its position + 1 keys
+
+
+def _time(fn) -> float:
+    from triton.testing import do_bench
+    return do_bench(fn, warmup=100, rep=400) * 1e3
+
+
+def run_variant(name: str, shape: str) -> dict:
+    """One variant on one shape in this process: error against float32, then µs beside cuDNN's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q, k, v = _inputs(shape)
+    out = torch.full_like(q, float("nan"))
+    variant = dict(VARIANTS[name])
+    if "page" in variant:
+        cache, block_table = _paged(k, v, variant.pop("page"))
+        launch = paged_causal_attention(q, cache, block_table, out, **variant)
+    else:
+        launch = causal_attention(q, k, v, out, **variant)
+    launch()
+    torch.cuda.synchronize()
+    err = (out.float() - _reference(q, k, v)).abs().max().item()
+    us = _time(launch)
+    kh, vh = k.repeat_interleave(H // KV_HEADS, 2), v.repeat_interleave(H // KV_HEADS, 2)
+    qt, kt, vt = q.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+    cudnn_us = _time(cudnn)
+    flops = _flops(shape)
+    return dict(variant=name, shape=shape, max_abs_err=err, us=round(us, 1), tflops=round(flops / us / 1e6, 1),
+                cudnn_us=round(cudnn_us, 1), cudnn_tflops=round(flops / cudnn_us / 1e6, 1),
+                vs_cudnn=round(cudnn_us / us, 3), **VARIANTS[name])
+
+
+def run_peers(shape: str) -> list[dict]:
+    """cuDNN and FlashAttention-2 (SDPA, dense, query heads' K/V repeated, no copy) and our paged kernel
+    (pages of 16, shuffled; no store) on one shape."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from compiled_attn.kernels.paged_attention import paged_attention
+    q, k, v = _inputs(shape)
+    nb, n = SHAPES[shape]
+    kh, vh = k.repeat_interleave(H // KV_HEADS, 2), v.repeat_interleave(H // KV_HEADS, 2)
+    qt, kt, vt = q.transpose(1, 2), kh.transpose(1, 2), vh.transpose(1, 2)
+    rows, flops = [], _flops(shape)
+    for backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        def sdpa(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        us = _time(sdpa)
+        rows.append(dict(variant=f"sdpa {backend.name}", shape=shape, us=round(us, 1),
+                         tflops=round(flops / us / 1e6, 1)))
+    cache, block_table = _paged(k, v, 16)
+    query_start_loc = torch.arange(0, nb * n + 1, n, device="cuda", dtype=torch.int32)
+    seq_lens = torch.full((nb,), n, device="cuda", dtype=torch.int32)
+    one = torch.ones((), device="cuda")
+    out = torch.full_like(q, float("nan"))
+
+    def ours():
+        paged_attention(q.view(nb * n, H, D), cache, query_start_loc, seq_lens, block_table, out.view(nb * n, H, D),
+                        max_query_len=n, scale=D ** -0.5, k_scale=one, v_scale=one)
+    ours()
+    torch.cuda.synchronize()
+    err = (out.float() - _reference(q, k, v)).abs().max().item()
+    us = _time(ours)
+    rows.append(dict(variant="ours: paged_attention, pages of 16 (no store_kv)", shape=shape, us=round(us, 1),
+                     tflops=round(flops / us / 1e6, 1), max_abs_err=err))
+    return rows
+
+
+def main() -> None:
+    import subprocess
+    import sys
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json", default="gluon_probe.json")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--shapes", default="8x2048,1x16384")
+    parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SHAPE"), help="run one (in a child process)")
+    parser.add_argument("--peers", metavar="SHAPE", help="run the peers on one shape (in a child process)")
+    parser.add_argument("--timeout", type=int, default=120, help="seconds a child may take (a hang is a result)")
+    args = parser.parse_args()
+    if args.one:
+        print("ROW " + json.dumps(run_variant(*args.one)), flush=True)
+        return
+    if args.peers:
+        for row in run_peers(args.peers):
+            print("ROW " + json.dumps(row), flush=True)
+        return
+    rows = []
+
+    def child(*child_args: str, label: dict) -> None:
+        try:
+            done = subprocess.run([sys.executable, __file__, *child_args], capture_output=True, text=True,
+                                  timeout=args.timeout)
+            found = [json.loads(line[4:]) for line in done.stdout.splitlines() if line.startswith("ROW ")]
+            if not found:
+                tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+                found = [dict(label, error=" | ".join(tail)[-600:])]
+        except subprocess.TimeoutExpired:
+            found = [dict(label, error=f"no result in {args.timeout} s (a hang)")]
+        for row in found:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    for shape in args.shapes.split(","):
+        child("--peers", shape, label=dict(variant="peers", shape=shape))
+        for name in args.variants.split(","):
+            child("--one", name, shape, label=dict(variant=name, shape=shape))
+    Path(args.json).write_text(json.dumps(dict(
+        card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
+        command="python scripts/gluon_prefill_probe.py", heads=H, kv_heads=KV_HEADS, head_size=D, dtype="bfloat16",
+        causal=True, rows=rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
