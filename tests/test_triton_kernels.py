@@ -28,6 +28,7 @@ import compiled_attn as ca  # noqa: E402
 from compiled_attn import AttentionMetadata, bench, ops  # noqa: E402
 from compiled_attn.backends import BACKENDS, PRIORITY, select_backend  # noqa: E402
 from compiled_attn.backends.reference import reference_attention  # noqa: E402
+from compiled_attn.kernels import gluon_prefill as gp_mod  # noqa: E402
 from compiled_attn.kernels import paged_attention as pa_mod  # noqa: E402
 from compiled_attn.kernels import store_and_decode as sd_mod  # noqa: E402
 from compiled_attn.kernels import store_kv as sk_mod  # noqa: E402
@@ -765,7 +766,9 @@ GPU_CASES = _gpu_cases()
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_gpu_store_and_attention(compiled, name):
+def test_gpu_store_and_attention(compiled, monkeypatch, name):
+    # The Triton kernel on every case; the Gluon prefill kernel has its own (tests/test_gluon_prefill.py).
+    monkeypatch.setattr(gp_mod, "ENABLED", False)
     batch_name, case = GPU_CASES[name]
     case = dataclasses.replace(case, batch=batch_name)
     b = case.make("cuda", seed=len(name), batches=GPU_BATCHES)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from ..split_kv import compute_capability, num_sms, split_count
-from . import _jit
+from . import _jit, gluon_prefill
 
 # ---- tunables (not autotuned: one config per static shape keeps CUDA-graph capture simple) ----
 # Values from benchmarks/tune_h100.json (H100, scripts/tune_kernels.py, graph-replayed).
@@ -940,6 +940,17 @@ def launch_planned(kernel, attn, reduce, wrap=None) -> None:
             (wrap(fn) if wrap else fn)[grid](*args, **constexprs)
 
 
+def _takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits_soft_cap, alibi_slopes,
+                         num_splits) -> bool:
+    """Whether a prefill-shaped step runs the Hopper Gluon kernel (:mod:`.gluon_prefill`) instead:
+    static properties only, and never under the interpreter. Prefill 8x2048 / 1x16384 / 4x2048
+    over 8192 cached at the benchmark's shape: BENCHMARKS.md."""
+    return not _jit.interpreting() and gluon_prefill.supported(
+        q, kv_cache, out, max_query_len=max_query_len, sliding_window=sliding_window,
+        logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, num_splits=num_splits,
+        split_max_query_len=SPLIT_MAX_QUERY_LEN)
+
+
 def paged_attention(
     q: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -980,6 +991,10 @@ def paged_attention(
     check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return out.zero_()
+    if tile_n is None and _takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits_soft_cap,
+                                               alibi_slopes, num_splits):
+        check_scale(scale)
+        return gluon_prefill.prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
     attn, reduce = _launch_plan(
         q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
@@ -1030,6 +1045,20 @@ def _(q, kv_cache, query_start_loc, seq_lens, block_table, out, k_scale, v_scale
     return None
 
 
+@torch.library.custom_op("compiled_attn::_gluon_prefill_attention", mutates_args=("out",))
+def _gluon_prefill_opaque(
+    q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+    block_table: torch.Tensor, out: torch.Tensor, scale: float,
+) -> None:
+    # Opaque to torch.compile: inductor's handling of user Triton kernels does not cover Gluon's.
+    gluon_prefill.prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
+
+
+@_gluon_prefill_opaque.register_fake
+def _(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale) -> None:
+    return None
+
+
 @torch.library.triton_op("compiled_attn::triton_paged_attention", mutates_args=("out",))
 def triton_paged_attention(
     q: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
@@ -1044,6 +1073,12 @@ def triton_paged_attention(
         torch.ops.compiled_attn._triton_paged_attention_opaque(
             q, kv_cache, query_start_loc, seq_lens, block_table, out, k_scale, v_scale, alibi_slopes, scale,
             sliding_window, logits_soft_cap, max_query_len, num_splits)
+        return
+    if _takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits_soft_cap, alibi_slopes,
+                            num_splits):
+        check_scale(scale)
+        torch.ops.compiled_attn._gluon_prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out,
+                                                          scale)
         return
     _jit.refresh(globals())
     attn, reduce = _launch_plan(

@@ -1,0 +1,343 @@
+"""Prefill-shaped paged attention for Hopper (sm_90) in Gluon: the warp-specialised kernel that plain
+Triton does not emit there.
+
+A program (CTA) takes ``BLOCK_M`` query tokens of one query head and three roles:
+
+- a producer warp loads the query tile once and the K/V tiles through a ring of ``STAGES`` shared
+  buffers with TMA, one copy per page a tile spans (pages are found through the block table);
+- two consumer warpgroups of ``BLOCK_M // 2`` rows each run the tensor-core dots asynchronously:
+  each issues one tile's Q·K^T and the previous tile's P·V together and computes that tile's
+  softmax while P·V runs.
+
+Sequences are found as in ``paged_attention`` (``query_start_loc[s] // BLOCK_M + s`` is the first
+query block of sequence ``s``; the grid runs the blocks last to first, the heads of one block on
+consecutive programs). The new tokens' K/V must already be in the cache; tiles below the causal
+diagonal run unmasked. Padding tokens (``>= query_start_loc[-1]``) get zeros.
+
+Scope (:func:`supported`): CUDA sm_90 with a Triton whose Gluon has the Hopper API, fp16/bf16 q and
+cache, head size 64 or 128, token-major contiguous cache pages, causal attention with no window,
+ALiBi or soft-cap, one split. Everything else takes the Triton kernel. Gluon kernels do not run
+under the Triton interpreter: they are tested on the GPU, and compiled for sm_90 on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel serves every step
+    gluon = None
+
+ENABLED = True  # False: every step takes the Triton kernel
+HEAD_SIZES = (64, 128)
+BLOCK_M = 128  # query tokens a program: two consumer warpgroups of 64 rows
+BLOCK_N = 128  # keys a tile
+STAGES = 2  # K and V buffers each (2 x 32 KB each at head 128, with the 32 KB query tile: 160 KB)
+# Registers a thread, set by setmaxnreg in each partition (the producer zeroes tile tails: 40). 240/24
+# and 232/40 timed alike (582-587 us at 8x2048 dense, benchmarks/gluon_probe_h100.json).
+CONSUMER_REGS, PRODUCER_REGS = 232, 40
+LOG2E = 1.4426950408889634
+
+
+def _unsupported_reason(q, kv_cache, out, *, sliding_window, logits_soft_cap, alibi_slopes, num_splits,
+                        max_query_len: int, split_max_query_len: int) -> str | None:
+    if gluon is None or not ENABLED:
+        return "Gluon's Hopper API is not available" if gluon is None else "disabled"
+    if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return "needs an sm_90 GPU"
+    if max_query_len <= split_max_query_len or (num_splits or 1) != 1:
+        return "decode-shaped step"
+    if sliding_window or logits_soft_cap or alibi_slopes is not None:
+        return "window, soft-cap and ALiBi take the Triton kernel"
+    num_heads, head_size = q.shape[1], q.shape[2]
+    if q.dtype not in (torch.float16, torch.bfloat16) or kv_cache.dtype != q.dtype:
+        return "needs fp16/bf16 q and a cache of q's dtype"
+    if head_size not in HEAD_SIZES:
+        return f"head size {head_size}"
+    _, blocks, page, kv_heads, _ = kv_cache.shape
+    token_major = (page * kv_heads * head_size, kv_heads * head_size, head_size, 1)
+    if kv_cache[0].stride() != token_major or kv_cache[1].stride() != token_major:
+        return "needs token-major contiguous pages"
+    if blocks * page >= 2**31 or q.shape[0] >= 2**31 // max(num_heads, 1):
+        return "too large for 32-bit TMA coordinates"
+    # TMA wants 16-byte aligned rows; storage offsets stand in for pointers (fake tensors have none).
+    if (q.stride(2) != 1 or q.stride(1) != head_size or q.stride(0) % 8 or q.storage_offset() % 8
+            or kv_cache.storage_offset() % 8):
+        return "q rows must be [heads * head_size] contiguous and 16-byte aligned"
+    if out.stride(2) != 1:
+        return "out's last dimension must be contiguous"
+    return None
+
+
+def supported(q, kv_cache, out, **static) -> bool:
+    """Whether this launch takes the Gluon kernel: decided from static properties only (device,
+    dtypes, shapes, strides, the bucket's ``max_query_len``), so a compiled or captured step always
+    takes the same kernel."""
+    return _unsupported_reason(q, kv_cache, out, **static) is None
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_M: gl.constexpr):
+        """The last sequence ``s`` with ``query_start_loc[s] // BLOCK_M + s <= q_block``."""
+        lo: gl.int32 = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if gl.load(query_start_loc_ptr + mid) // BLOCK_M + mid <= q_block:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    @gluon.jit
+    def _zero_rows(out_ptr, head, first, end, s_ot, s_oh, BLOCK_M: gl.constexpr, D: gl.constexpr):
+        """Zeros into rows ``[first, end)`` of one head of ``out`` (at most ``BLOCK_M`` of them)."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rows = first + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+        ptrs = out_ptr + gl.expand_dims(rows.to(gl.int64) * s_ot + head * s_oh, 1) + gl.expand_dims(cols, 0)
+        zeros = gl.zeros([BLOCK_M, D], out_ptr.dtype.element_ty, layout=layout)
+        gl.store(ptrs, zeros, mask=gl.expand_dims(rows < end, 1))
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, q_pos, key0, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                      MASKED: gl.constexpr):
+        """Online softmax of one score tile in log2 units: the tile's probabilities, the new row
+        max and sum, and the factor the running output is rescaled by."""
+        if MASKED:
+            keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(q_pos, 1) >= gl.expand_dims(keys, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, 1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr,
+                  qk_scale, tok0, rows_left, first_pos, head, n_tiles, n_full, s_ot, s_oh,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+        """One warpgroup's ``BLOCK_M // 2`` query rows against key tiles ``[0, n_tiles)``; tiles
+        from ``n_full`` on reach past the block's first query and are masked. The first tile
+        always holds key 0, which every row sees, so no row max stays -inf."""
+        HALF: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = q_smem.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        q_tile = q_smem.index(wg)
+        q_pos = first_pos + wg * HALF + gl.arange(0, HALF, layout=row_layout)
+        m_i = gl.full([HALF], float("-inf"), gl.float32, layout=row_layout)
+        l_i = gl.zeros([HALF], gl.float32, layout=row_layout)
+        acc = gl.zeros([HALF, D], gl.float32, layout=o_layout)
+        zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(q_bar, 0)
+
+        mbarrier.wait(k_ready.index(0), 0)
+        s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(0, deps=(s, ))
+        mbarrier.arrive(k_empty.index(0))
+        if n_full > 0:
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, False)
+        else:
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, True)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        for j in range(1, n_tiles):
+            stage = j % STAGES
+            prev = (j - 1) % STAGES
+            # This tile's Q·K^T and the previous tile's P·V in flight together; the softmax runs
+            # while P·V does.
+            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
+            s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+            s = warpgroup_mma_wait(1, deps=(s, ))
+            mbarrier.arrive(k_empty.index(stage))
+            if j < n_full:
+                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout, BLOCK_N,
+                                                   False)
+            else:
+                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout, BLOCK_N,
+                                                   True)
+            acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+            mbarrier.arrive(v_empty.index(prev))
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+        last = (n_tiles - 1) % STAGES
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+        mbarrier.arrive(v_empty.index(last))
+
+        # Rows past the sequence (the next sequence's tokens, or none) computed garbage: a masked
+        # store, not TMA, so they are never written.
+        out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        o = gl.convert_layout((acc / gl.expand_dims(l_o, 1)).to(out_ptr.dtype.element_ty), out_layout)
+        rows = wg * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
+        ptrs = out_ptr + gl.expand_dims((tok0 + rows).to(gl.int64) * s_ot + head * s_oh, 1) + gl.expand_dims(cols, 0)
+        gl.store(ptrs, o, mask=gl.expand_dims(rows < rows_left, 1))
+
+    @gluon.jit
+    def _zero_tail_rows(tile, valid, BLOCK_N: gl.constexpr):
+        """Zeros into rows ``[valid, BLOCK_N)`` of a shared tile, 8 rows at a time, by one warp."""
+        CHUNK: gl.constexpr = 8
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
+        for c in gl.static_range(BLOCK_N // CHUNK):
+            if (c + 1) * CHUNK > valid:
+                chunk = tile.slice(c * CHUNK, CHUNK)
+                rows = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+                x = chunk.load(layout)
+                chunk.store(gl.where(gl.expand_dims(rows < valid, 1), x, gl.zeros_like(x)))
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                  tail_bar, tok0, q_col, kv_col, bt_row_ptr, seq_len, n_tiles, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """One warp: the query tile, then each K and V tile into a ring slot both consumers freed, as
+        ``BLOCK_N // BOX`` copies of ``BOX = min(PAGE, BLOCK_N)`` rows, each from its page."""
+        HALF: gl.constexpr = q_desc.block_type.shape[0]
+        BOX: gl.constexpr = k_desc.block_type.shape[0]
+        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [tok0, q_col], q_bar, q_smem.index(0))
+        tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, q_col], q_bar, q_smem.index(1))
+        for j in range(n_tiles):
+            stage = j % STAGES
+            free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier's previous phase counts as complete
+            mbarrier.wait(k_empty.index(stage), free_phase)
+            mbarrier.expect(k_ready.index(stage), BLOCK_N * k_desc.block_type.nbytes // BOX)
+            for i in gl.static_range(BLOCK_N // BOX):
+                key = j * BLOCK_N + i * BOX
+                # Keys past the sequence (masked) read page 0, never a table entry past the row.
+                page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+                tma.async_copy_global_to_shared(k_desc, [page * PAGE + key % PAGE, kv_col], k_ready.index(stage),
+                                                k_smem.index(stage).slice(i * BOX, BOX))
+            mbarrier.wait(v_empty.index(stage), free_phase)
+            # A tile that reaches past the sequence (its last) lands on tail_bar first, so that the
+            # rows past the sequence can be zeroed before the consumers see it: their probabilities
+            # are 0, but 0 x NaN is NaN, and unused cache slots may hold anything.
+            tail = seq_len - j * BLOCK_N
+            has_tail = tail < BLOCK_N
+            v_bar = v_ready.index(stage)
+            if has_tail:
+                v_bar = tail_bar
+            mbarrier.expect(v_bar, BLOCK_N * v_desc.block_type.nbytes // BOX)
+            for i in gl.static_range(BLOCK_N // BOX):
+                key = j * BLOCK_N + i * BOX
+                page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+                tma.async_copy_global_to_shared(v_desc, [page * PAGE + key % PAGE, kv_col], v_bar,
+                                                v_smem.index(stage).slice(i * BOX, BOX))
+            if has_tail:
+                mbarrier.wait(tail_bar, 0)  # at most one tail a program
+                _zero_tail_rows(v_smem.index(stage), tail, BLOCK_N)
+                fence_async_shared()  # the zeros before the consumers' (async-proxy) reads
+                mbarrier.arrive(v_ready.index(stage))
+
+    @gluon.jit
+    def _prefill_kernel(q_desc, k_desc, v_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
+                        num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
+                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+                        STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+        """Program (query head, query block); blocks last to first."""
+        head = gl.program_id(0)
+        q_block = gl.num_programs(1) - 1 - gl.program_id(1)
+        last_token = gl.load(query_start_loc_ptr + num_seqs)
+        if (q_block + 1) * BLOCK_M > last_token:
+            _zero_rows(out_ptr, head, gl.maximum(q_block * BLOCK_M, last_token),
+                       gl.minimum((q_block + 1) * BLOCK_M, num_tokens), s_ot, s_oh, BLOCK_M, D)
+        seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_M)
+        q_start = gl.load(query_start_loc_ptr + seq)
+        q_len = gl.load(query_start_loc_ptr + seq + 1) - q_start
+        local = q_block - (q_start // BLOCK_M + seq)  # this program's block within the sequence
+        if local * BLOCK_M >= q_len:
+            return
+        seq_len = gl.load(seq_lens_ptr + seq)
+        first_pos = seq_len - q_len + local * BLOCK_M  # the block's first query's position
+        key_end = first_pos + gl.minimum(BLOCK_M, q_len - local * BLOCK_M)  # its last query's + 1
+        n_tiles = gl.cdiv(key_end, BLOCK_N)
+        n_full = (first_pos + 1) // BLOCK_N
+        tok0 = q_start + local * BLOCK_M
+
+        HALF: gl.constexpr = BLOCK_M // 2
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        tail_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        mbarrier.init(tail_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumers release a slot
+            mbarrier.init(v_empty.index(i), count=2)
+        bt_row_ptr = block_table_ptr + seq.to(gl.int64) * s_bt
+        kv_col = (head // (H // KVH)) * D
+        rows_left = q_len - local * BLOCK_M
+
+        WG0: gl.constexpr = 0
+        WG1: gl.constexpr = 1
+        gl.warp_specialize([
+            (_consumer, (WG0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr, qk_scale,
+                         tok0, rows_left, first_pos, head, n_tiles, n_full, s_ot, s_oh, BLOCK_M, BLOCK_N, D, STAGES)),
+            (_consumer, (WG1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr, qk_scale,
+                         tok0, rows_left, first_pos, head, n_tiles, n_full, s_ot, s_oh, BLOCK_M, BLOCK_N, D, STAGES)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
+                         tail_bar, tok0, head * D, kv_col, bt_row_ptr, seq_len, n_tiles, BLOCK_N, PAGE, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _gl_dtype(dtype: torch.dtype):
+    return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
+
+
+def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float):
+    """(grid, args, constexprs) of the kernel for these tensors."""
+    num_tokens, num_heads, head_size = q.shape
+    _, blocks, page, kv_heads, _ = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    dtype = _gl_dtype(q.dtype)
+    box = min(page, BLOCK_N)
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, head_size], dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_size], dtype)
+    q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_size], [q.stride(0), 1], [BLOCK_M // 2, head_size],
+                              q_layout)
+    rows = [blocks * page, kv_heads * head_size]
+    k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, head_size], kv_layout)
+                      for i in (0, 1))
+    grid = (num_heads, num_tokens // BLOCK_M + num_seqs)
+    args = (q_desc, k_desc, v_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
+            scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
+    constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
+                      STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+    return grid, args, constexprs
+
+
+def prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float) -> torch.Tensor:
+    """``paged_attention`` for a step :func:`supported` accepts (the caller checked it, and the
+    arguments): writes ``out``."""
+    grid, args, constexprs = launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
+    _prefill_kernel[grid](*args, **constexprs)
+    return out

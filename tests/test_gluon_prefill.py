@@ -1,0 +1,179 @@
+"""The Hopper Gluon prefill kernel (compiled_attn/kernels/gluon_prefill.py) against the reference.
+
+Gluon kernels do not run under the Triton interpreter, so these are GPU tests (an sm_90 GPU, ``-m
+gpu``); on the CPU the kernel is compiled for sm_90 in tests/test_kernel_compile.py and the
+dispatch is checked here. Every GPU case runs with a NaN-poisoned cache (unused blocks, the
+block-table padding's trap block and every slot past a sequence's end) and a NaN-filled output,
+and asserts that the Gluon kernel, not the Triton one, served it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from compiled_attn.kernels import gluon_prefill as gp  # noqa: E402
+from compiled_attn.kernels import paged_attention as pa_mod  # noqa: E402
+from compiled_attn.kernels import store_kv as sk_mod  # noqa: E402
+from batches import TOLERANCE, rel_error  # noqa: E402
+from test_triton_kernels import GPU_BATCHES, Case, _attention, _ragged, make_paged, nan_poisoned, reference_chunked  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_sm90 = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0) or gp.gluon is None,
+    reason="needs an sm_90 GPU and Gluon's Hopper API")
+
+BATCHES = dict(
+    GPU_BATCHES,
+    # lengths around the 128-token blocks and tiles, a 1-token prefill, one longer than a page table row's
+    # first block, and tails that end inside a page
+    varlen=([1, 127, 128, 129, 300, 17, 255], [1, 127, 128, 129, 300, 17, 255]),
+    prefix_tails=([5, 128, 77, 1, 200], [133, 128 + 256, 1000, 2, 201]),
+    mixed_small=_ragged(40, 700, [1, 1, 9, 130], 5),
+)
+
+BF16, FP16 = torch.bfloat16, torch.float16
+CASES = {
+    "prefill_bf16_d128_g4_bs16": ("prefill_2x1k", Case("", 32, 8, 128, 16, BF16)),
+    "varlen_fp16_d128_g1_bs32": ("varlen", Case("", 8, 8, 128, 32, FP16)),
+    "varlen_bf16_d64_g8_bs64": ("varlen", Case("", 16, 2, 64, 64, BF16)),
+    "varlen_bf16_d128_mqa_bs256": ("varlen", Case("", 8, 1, 128, 256, BF16)),
+    "prefix_bf16_d128_g4_bs16": ("prefix_prefill_4", Case("", 32, 8, 128, 16, BF16)),
+    "prefix_tails_fp16_d64_g4_bs128": ("prefix_tails", Case("", 16, 4, 64, 128, FP16)),
+    "prefix_tails_bf16_d128_g2_bs16": ("prefix_tails", Case("", 8, 4, 128, 16, BF16)),
+    "chunked_32k_bf16": ("chunked_32k", Case("", 32, 8, 128, 16, BF16)),
+    "mixed_small_bf16_bs32": ("mixed_small", Case("", 16, 4, 128, 32, BF16, max_query_len=130)),
+    "mixed_256_bf16": ("mixed_256", Case("", 32, 8, 128, 16, BF16, max_query_len=64)),
+}
+
+
+@pytest.fixture
+def gluon_calls(monkeypatch):
+    """Counts the steps the Gluon kernel served."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    calls = []
+    launch = gp.prefill_attention
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(gp, "prefill_attention", counted)
+    return calls
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_gluon_prefill(gluon_calls, name):
+    batch_name, case = CASES[name]
+    case = dataclasses.replace(case, batch=batch_name)
+    b = case.make("cuda", seed=len(name), batches=BATCHES)
+    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    ref = reference_chunked(b, **case.features())
+    b = dataclasses.replace(b, kv_cache=nan_poisoned(b.kv_cache))
+    out = torch.full_like(b.q, float("nan"))
+    _attention(b, case, pa_mod.paged_attention, out)
+    torch.cuda.synchronize()
+    assert len(gluon_calls) == 1, "the Gluon kernel must serve this step"
+    n = b.num_real_tokens
+    assert not out.isnan().any(), "every row must be written, and no poisoned slot may reach a sum"
+    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
+    assert torch.all(out[n:] == 0), "padding tokens must produce zeros"
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("batch", [([2048] * 8, [2048] * 8), ([2048] * 4, [10240] * 4)], ids=["8x2048", "prefix"])
+def test_gpu_gluon_matches_triton_at_benchmark_shapes(gluon_calls, monkeypatch, batch):
+    b = make_paged(*batch, heads=32, kv_heads=8, head_size=128, block_size=16, dtype=BF16, device="cuda")
+    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    case = Case("", 32, 8, 128, 16, BF16)
+    out = torch.full_like(b.q, float("nan"))
+    _attention(b, case, pa_mod.paged_attention, out)
+    monkeypatch.setattr(gp, "ENABLED", False)
+    triton_out = torch.full_like(b.q, float("nan"))
+    _attention(b, case, pa_mod.paged_attention, triton_out)
+    torch.cuda.synchronize()
+    assert len(gluon_calls) == 1
+    n = b.num_real_tokens
+    assert rel_error(out[:n], triton_out[:n]) <= TOLERANCE[BF16]
+    ref = reference_chunked(b, **case.features())
+    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[BF16]
+
+
+@gpu
+@needs_sm90
+def test_gpu_gluon_prefill_compiled_and_graphed(gluon_calls):
+    """The triton_op path under torch.compile(fullgraph=True) reaches the kernel through an opaque op,
+    and a captured CUDA graph replays it."""
+    case = Case("", 32, 8, 128, 16, BF16)
+    b = make_paged(*BATCHES["prefix_tails"], heads=32, kv_heads=8, head_size=128, block_size=16, dtype=BF16,
+                   device="cuda")
+    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    m = b.meta
+    scale = case.features()["scale"]
+
+    def step(q, kv_cache, query_start_loc, seq_lens, block_table, k_scale, v_scale):
+        out = torch.empty_like(q)
+        torch.ops.compiled_attn.triton_paged_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out,
+                                                       k_scale, v_scale, None, scale, 0, 0.0, m.max_query_len, 0)
+        return out
+
+    args = (b.q, b.kv_cache, m.query_start_loc, m.seq_lens, m.block_table, b.k_scale, b.v_scale)
+    expected = step(*args)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(*args)
+    n = b.num_real_tokens
+    assert torch.equal(got[:n], expected[:n])
+
+    out = torch.full_like(b.q, float("nan"))
+    fwd = lambda: pa_mod.paged_attention(b.q, b.kv_cache, m.query_start_loc, m.seq_lens, m.block_table, out,
+                                         max_query_len=m.max_query_len, scale=scale, k_scale=b.k_scale,
+                                         v_scale=b.v_scale)
+    fwd()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fwd()
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out[:n], expected[:n])
+    assert len(gluon_calls) >= 4  # eager, compiled, warm-up, capture
+
+
+@gpu
+@needs_sm90
+def test_gpu_gluon_takes_only_what_it_supports():
+    q = torch.empty(256, 32, 128, device="cuda", dtype=BF16)
+    cache = torch.empty(2, 64, 16, 8, 128, device="cuda", dtype=BF16)
+    static = dict(sliding_window=None, logits_soft_cap=None, alibi_slopes=None, num_splits=None, max_query_len=256,
+                  split_max_query_len=pa_mod.SPLIT_MAX_QUERY_LEN)
+    assert gp.supported(q, cache, q, **static)
+    refused = {
+        "decode bucket": dict(static, max_query_len=1),
+        "window": dict(static, sliding_window=64),
+        "soft-cap": dict(static, logits_soft_cap=30.0),
+        "alibi": dict(static, alibi_slopes=torch.ones(32, device="cuda")),
+    }
+    for what, kwargs in refused.items():
+        assert not gp.supported(q, cache, q, **kwargs), what
+    assert not gp.supported(q, cache.to(torch.float8_e4m3fn), q, **static), "fp8 cache"
+    assert not gp.supported(q.float(), cache.float(), q.float(), **static), "fp32"
+    q96, cache96 = q[..., :96].contiguous(), cache[..., :96].contiguous()
+    assert not gp.supported(q96, cache96, q96, **static), "head 96"
+    head_major = cache.transpose(2, 3).contiguous().transpose(2, 3)
+    assert not gp.supported(q, head_major, q, **static), "head-major pages"
+
+
+def test_gluon_prefill_never_on_cpu_or_under_the_interpreter(monkeypatch):
+    q = torch.empty(256, 32, 128, dtype=BF16)
+    cache = torch.empty(2, 64, 16, 8, 128, dtype=BF16)
+    args = (q, cache, q, 256, None, None, None, None)
+    assert not pa_mod._takes_gluon_prefill(*args)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not pa_mod._takes_gluon_prefill(*args)
