@@ -419,6 +419,54 @@ def run_peers(shape: str) -> list[dict]:
     return rows
 
 
+AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
+            "4x2048 over 8192": ([2048] * 4, [10240] * 4)}
+
+
+def run_ab(rounds: int) -> list[dict]:
+    """The package's paged_attention (pages of 16, shuffled; no store) at the benchmark's prefill
+    shapes, graph-replayed, under each setting of ``gluon_prefill`` in turn, ``rounds`` times:
+    one program a work item, persistent programs, and the Triton kernel."""
+    from triton.testing import do_bench_cudagraph
+
+    from compiled_attn.kernels import gluon_prefill as gp
+    from compiled_attn.kernels.paged_attention import paged_attention
+    settings = {"gluon one program an item": dict(ENABLED=True, PERSISTENT_PROGRAMS_PER_SM=0),
+                "gluon persistent": dict(ENABLED=True, PERSISTENT_PROGRAMS_PER_SM=1),
+                "triton": dict(ENABLED=False)}
+    rows = []
+    for case, (q_lens, seq_lens) in AB_CASES.items():
+        nb, n, ctx = len(q_lens), q_lens[0], seq_lens[0]
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(nb * n, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (torch.randn(nb, ctx, KV_HEADS, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv")
+        cache, block_table = _paged(k, v, 16)
+        query_start_loc = torch.arange(0, nb * n + 1, n, device="cuda", dtype=torch.int32)
+        lens = torch.tensor(seq_lens, device="cuda", dtype=torch.int32)
+        one = torch.ones((), device="cuda")
+        flops = sum(4 * H * D * (q * (c - q) + q * (q + 1) / 2) for q, c in zip(q_lens, seq_lens))
+        outs = {}
+        for r in range(rounds):
+            for name, setting in settings.items():
+                for key, value in setting.items():
+                    setattr(gp, key, value)
+                out = torch.full_like(q, float("nan"))
+                fn = lambda: paged_attention(q, cache, query_start_loc, lens, block_table, out, max_query_len=n,
+                                             scale=D ** -0.5, k_scale=one, v_scale=one)
+                fn()
+                us = do_bench_cudagraph(fn, rep=300) * 1e3
+                outs[name] = out
+                row = dict(case=case, setting=name, round=r, us=round(us, 1), tflops=round(flops / us / 1e6, 1))
+                rows.append(row)
+                print("ROW " + json.dumps(row), flush=True)
+        ref = outs["gluon one program an item"].float()
+        for name, out in outs.items():
+            err = ((out.float() - ref).norm() / ref.norm()).item()
+            rows.append(dict(case=case, setting=name, rel_error_vs_one_program=err, nan=bool(out.isnan().any())))
+            print("ROW " + json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     import subprocess
     import sys
@@ -430,7 +478,15 @@ def main() -> None:
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "SHAPE"), help="run one (in a child process)")
     parser.add_argument("--peers", metavar="SHAPE", help="run the peers on one shape (in a child process)")
     parser.add_argument("--timeout", type=int, default=120, help="seconds a child may take (a hang is a result)")
+    parser.add_argument("--ab", type=int, metavar="ROUNDS",
+                        help="time the package's kernels under each gluon_prefill setting instead")
     args = parser.parse_args()
+    if args.ab:
+        rows = run_ab(args.ab)
+        Path(args.json).write_text(json.dumps(dict(
+            card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
+            command=f"python scripts/gluon_prefill_probe.py --ab {args.ab}", rows=rows), indent=1))
+        return
     if args.one:
         print("ROW " + json.dumps(run_variant(*args.one)), flush=True)
         return

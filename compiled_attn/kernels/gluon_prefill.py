@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..split_kv import num_sms
+
 try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -46,6 +48,9 @@ STAGES = 2  # K and V buffers each (2 x 32 KB each at head 128, with the 32 KB q
 # Registers a thread, set by setmaxnreg in each partition (the producer zeroes tile tails: 40). 240/24
 # and 232/40 timed alike (582-587 us at 8x2048 dense, benchmarks/gluon_probe_h100.json).
 CONSUMER_REGS, PRODUCER_REGS = 232, 40
+# Programs: one a work item (0), or this many an SM, each walking work items (persistent: the producer
+# loads the next item's query and first K/V tiles while the consumers finish the last one).
+PERSISTENT_PROGRAMS_PER_SM = 1
 LOG2E = 1.4426950408889634
 
 
@@ -126,12 +131,33 @@ if gluon is not None:
         return p, m_new, l_i, alpha
 
     @gluon.jit
-    def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr,
-                  qk_scale, tok0, rows_left, first_pos, head, n_tiles, n_full, s_ot, s_oh,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
-        """One warpgroup's ``BLOCK_M // 2`` query rows against key tiles ``[0, n_tiles)``; tiles
-        from ``n_full`` on reach past the block's first query and are masked. The first tile
-        always holds key 0, which every row sees, so no row max stays -inf."""
+    def _work_item(item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H: gl.constexpr,
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """Work item ``item`` (query blocks last to first, the heads of a block consecutive): whether
+        it holds queries, its head, sequence, first token, rows, first query position, key tiles
+        and mask-free tiles."""
+        head = item % H
+        q_block = num_q_blocks - 1 - item // H
+        seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_M)
+        q_start = gl.load(query_start_loc_ptr + seq)
+        q_len = gl.load(query_start_loc_ptr + seq + 1) - q_start
+        local = q_block - (q_start // BLOCK_M + seq)  # the block within its sequence
+        rows = q_len - local * BLOCK_M
+        seq_len = gl.load(seq_lens_ptr + seq)
+        first_pos = seq_len - q_len + local * BLOCK_M  # the block's first query's position
+        key_end = first_pos + gl.minimum(rows, BLOCK_M)  # its last query's position + 1
+        n_tiles = gl.cdiv(key_end, BLOCK_N)
+        n_full = (first_pos + 1) // BLOCK_N
+        return rows > 0, head, seq, q_start + local * BLOCK_M, rows, first_pos, seq_len, n_tiles, n_full
+
+    @gluon.jit
+    def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                  out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot, s_oh,
+                  H: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """One warpgroup's ``BLOCK_M // 2`` rows of each of the program's work items, against key
+        tiles ``[0, n_tiles)``; tiles from ``n_full`` on reach past the block's first query and are
+        masked. The first tile holds key 0, which every row sees, so no row max stays -inf."""
         HALF: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_smem.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -140,61 +166,74 @@ if gluon is not None:
                                                            instr_shape=[16, D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-        q_tile = q_smem.index(wg)
-        q_pos = first_pos + wg * HALF + gl.arange(0, HALF, layout=row_layout)
-        m_i = gl.full([HALF], float("-inf"), gl.float32, layout=row_layout)
-        l_i = gl.zeros([HALF], gl.float32, layout=row_layout)
-        acc = gl.zeros([HALF, D], gl.float32, layout=o_layout)
-        zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
-        mbarrier.wait(q_bar, 0)
-
-        mbarrier.wait(k_ready.index(0), 0)
-        s = warpgroup_mma(q_tile, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        s = warpgroup_mma_wait(0, deps=(s, ))
-        mbarrier.arrive(k_empty.index(0))
-        if n_full > 0:
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, False)
-        else:
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, True)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        for j in range(1, n_tiles):
-            stage = j % STAGES
-            prev = (j - 1) % STAGES
-            # This tile's Q·K^T and the previous tile's P·V in flight together; the softmax runs
-            # while P·V does.
-            mbarrier.wait(k_ready.index(stage), (j // STAGES) & 1)
-            s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(prev), ((j - 1) // STAGES) & 1)
-            acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-            s = warpgroup_mma_wait(1, deps=(s, ))
-            mbarrier.arrive(k_empty.index(stage))
-            if j < n_full:
-                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout, BLOCK_N,
-                                                   False)
-            else:
-                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout, BLOCK_N,
-                                                   True)
-            acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-            mbarrier.arrive(v_empty.index(prev))
-            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-
-        last = (n_tiles - 1) % STAGES
-        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
-        acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-        acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
-        mbarrier.arrive(v_empty.index(last))
-
-        # Rows past the sequence (the next sequence's tokens, or none) computed garbage: a masked
-        # store, not TMA, so they are never written.
         out_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        o = gl.convert_layout((acc / gl.expand_dims(l_o, 1)).to(out_ptr.dtype.element_ty), out_layout)
-        rows = wg * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
-        cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
-        ptrs = out_ptr + gl.expand_dims((tok0 + rows).to(gl.int64) * s_ot + head * s_oh, 1) + gl.expand_dims(cols, 0)
-        gl.store(ptrs, o, mask=gl.expand_dims(rows < rows_left, 1))
+        q_tile = q_smem.index(wg)
+        zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
+        tile = 0  # K/V ring position, over all items
+        done = 0  # items done (the query tile's phase)
+        for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
+            valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
+                item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N)
+            if valid:
+                q_pos = first_pos + wg * HALF + gl.arange(0, HALF, layout=row_layout)
+                m_i = gl.full([HALF], float("-inf"), gl.float32, layout=row_layout)
+                l_i = gl.zeros([HALF], gl.float32, layout=row_layout)
+                acc = gl.zeros([HALF, D], gl.float32, layout=o_layout)
+                mbarrier.wait(q_ready, done & 1)
+
+                stage = tile % STAGES
+                mbarrier.wait(k_ready.index(stage), (tile // STAGES) & 1)
+                s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
+                                  is_async=True)
+                s = warpgroup_mma_wait(0, deps=(s, ))
+                mbarrier.arrive(k_empty.index(stage))
+                if n_full > 0:
+                    p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, False)
+                else:
+                    p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, 0, qk_scale, s_layout, BLOCK_N, True)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+
+                for j in range(1, n_tiles):
+                    stage = (tile + j) % STAGES
+                    prev = (tile + j - 1) % STAGES
+                    # This tile's Q·K^T and the previous tile's P·V in flight together; the
+                    # softmax runs while P·V does.
+                    mbarrier.wait(k_ready.index(stage), ((tile + j) // STAGES) & 1)
+                    s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
+                                      is_async=True)
+                    mbarrier.wait(v_ready.index(prev), ((tile + j - 1) // STAGES) & 1)
+                    acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                    s = warpgroup_mma_wait(1, deps=(s, ))
+                    mbarrier.arrive(k_empty.index(stage))
+                    if j < n_full:
+                        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout,
+                                                           BLOCK_N, False)
+                    else:
+                        p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_pos, j * BLOCK_N, qk_scale, s_layout,
+                                                           BLOCK_N, True)
+                    acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+                    mbarrier.arrive(v_empty.index(prev))
+                    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                    p_op = gl.convert_layout(p.to(dtype), p_layout)
+                mbarrier.arrive(q_empty)  # every Q·K^T of the item is done: the next item's query may land
+
+                last = (tile + n_tiles - 1) % STAGES
+                mbarrier.wait(v_ready.index(last), ((tile + n_tiles - 1) // STAGES) & 1)
+                acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+                acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
+                mbarrier.arrive(v_empty.index(last))
+                tile += n_tiles
+                done += 1
+
+                # Rows past the sequence (the next sequence's tokens, or none) computed garbage: a
+                # masked store, not TMA, so they are never written.
+                l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+                o = gl.convert_layout((acc / gl.expand_dims(l_o, 1)).to(out_ptr.dtype.element_ty), out_layout)
+                rows = wg * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
+                cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
+                ptrs = (out_ptr + gl.expand_dims((tok0 + rows).to(gl.int64) * s_ot + head * s_oh, 1)
+                        + gl.expand_dims(cols, 0))
+                gl.store(ptrs, o, mask=gl.expand_dims(rows < rows_left, 1))
 
     @gluon.jit
     def _zero_tail_rows(tile, valid, BLOCK_N: gl.constexpr):
@@ -209,103 +248,112 @@ if gluon is not None:
                 chunk.store(gl.where(gl.expand_dims(rows < valid, 1), x, gl.zeros_like(x)))
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                  tail_bar, tok0, q_col, kv_col, bt_row_ptr, seq_len, n_tiles, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                  STAGES: gl.constexpr):
-        """One warp: the query tile, then each K and V tile into a ring slot both consumers freed, as
-        ``BLOCK_N // BOX`` copies of ``BOX = min(PAGE, BLOCK_N)`` rows, each from its page."""
-        HALF: gl.constexpr = q_desc.block_type.shape[0]
-        BOX: gl.constexpr = k_desc.block_type.shape[0]
-        mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [tok0, q_col], q_bar, q_smem.index(0))
-        tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, q_col], q_bar, q_smem.index(1))
-        for j in range(n_tiles):
-            stage = j % STAGES
-            free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier's previous phase counts as complete
-            mbarrier.wait(k_empty.index(stage), free_phase)
-            mbarrier.expect(k_ready.index(stage), BLOCK_N * k_desc.block_type.nbytes // BOX)
-            for i in gl.static_range(BLOCK_N // BOX):
-                key = j * BLOCK_N + i * BOX
-                # Keys past the sequence (masked) read page 0, never a table entry past the row.
-                page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-                tma.async_copy_global_to_shared(k_desc, [page * PAGE + key % PAGE, kv_col], k_ready.index(stage),
-                                                k_smem.index(stage).slice(i * BOX, BOX))
-            mbarrier.wait(v_empty.index(stage), free_phase)
-            # A tile that reaches past the sequence (its last) lands on tail_bar first, so that the
-            # rows past the sequence can be zeroed before the consumers see it: their probabilities
-            # are 0, but 0 x NaN is NaN, and unused cache slots may hold anything.
-            tail = seq_len - j * BLOCK_N
-            has_tail = tail < BLOCK_N
-            v_bar = v_ready.index(stage)
-            if has_tail:
-                v_bar = tail_bar
-            mbarrier.expect(v_bar, BLOCK_N * v_desc.block_type.nbytes // BOX)
-            for i in gl.static_range(BLOCK_N // BOX):
-                key = j * BLOCK_N + i * BOX
-                page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-                tma.async_copy_global_to_shared(v_desc, [page * PAGE + key % PAGE, kv_col], v_bar,
-                                                v_smem.index(stage).slice(i * BOX, BOX))
-            if has_tail:
-                mbarrier.wait(tail_bar, 0)  # at most one tail a program
-                _zero_tail_rows(v_smem.index(stage), tail, BLOCK_N)
-                fence_async_shared()  # the zeros before the consumers' (async-proxy) reads
-                mbarrier.arrive(v_ready.index(stage))
+    def _load_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
+        """Keys ``[key0, key0 + BLOCK_N)`` into ``smem`` as ``BLOCK_N // BOX`` copies of ``BOX =
+        min(PAGE, BLOCK_N)`` rows, each from its page; keys past the sequence (masked) read page 0,
+        never a table entry past the row."""
+        BOX: gl.constexpr = desc.block_type.shape[0]
+        mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
+        for i in gl.static_range(BLOCK_N // BOX):
+            key = key0 + i * BOX
+            page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+            tma.async_copy_global_to_shared(desc, [page * PAGE + key % PAGE, kv_col], bar, smem.slice(i * BOX, BOX))
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                  v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs, num_q_blocks, s_bt,
+                  H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: for each work item its query tile (once the consumers are done with the last
+        one), then each K and V tile into a ring slot both consumers freed. A fresh barrier's
+        previous phase counts as complete, hence the ``^ 1`` on the waits for free slots."""
+        HALF: gl.constexpr = BLOCK_M // 2
+        tile = 0
+        done = 0
+        tails = 0
+        for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
+            valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
+                item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N)
+            if valid:
+                bt_row_ptr = block_table_ptr + seq.to(gl.int64) * s_bt
+                kv_col = (head // (H // KVH)) * D
+                mbarrier.wait(q_empty, (done & 1) ^ 1)
+                mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(q_desc, [tok0, head * D], q_ready, q_smem.index(0))
+                tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * D], q_ready, q_smem.index(1))
+                for j in range(n_tiles):
+                    stage = (tile + j) % STAGES
+                    free_phase = (((tile + j) // STAGES) & 1) ^ 1
+                    mbarrier.wait(k_empty.index(stage), free_phase)
+                    _load_tile(k_desc, k_smem.index(stage), k_ready.index(stage), bt_row_ptr, j * BLOCK_N, seq_len,
+                               kv_col, BLOCK_N, PAGE)
+                    mbarrier.wait(v_empty.index(stage), free_phase)
+                    # A tile that reaches past the sequence (an item's last) lands on tail_bar
+                    # first, so the rows past the sequence can be zeroed before the consumers see
+                    # it: their probabilities are 0, but 0 x NaN is NaN, and unused cache slots may
+                    # hold anything.
+                    tail = seq_len - j * BLOCK_N
+                    if tail < BLOCK_N:
+                        _load_tile(v_desc, v_smem.index(stage), tail_bar, bt_row_ptr, j * BLOCK_N, seq_len, kv_col,
+                                   BLOCK_N, PAGE)
+                        mbarrier.wait(tail_bar, tails & 1)
+                        tails += 1
+                        _zero_tail_rows(v_smem.index(stage), tail, BLOCK_N)
+                        fence_async_shared()  # the zeros before the consumers' (async-proxy) reads
+                        mbarrier.arrive(v_ready.index(stage))
+                    else:
+                        _load_tile(v_desc, v_smem.index(stage), v_ready.index(stage), bt_row_ptr, j * BLOCK_N,
+                                   seq_len, kv_col, BLOCK_N, PAGE)
+                tile += n_tiles
+                done += 1
 
     @gluon.jit
     def _prefill_kernel(q_desc, k_desc, v_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
                         num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
                         D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
                         STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-        """Program (query head, query block); blocks last to first."""
-        head = gl.program_id(0)
-        q_block = gl.num_programs(1) - 1 - gl.program_id(1)
+        """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
+        persistent programs)."""
+        num_q_blocks = num_tokens // BLOCK_M + num_seqs
         last_token = gl.load(query_start_loc_ptr + num_seqs)
-        if (q_block + 1) * BLOCK_M > last_token:
-            _zero_rows(out_ptr, head, gl.maximum(q_block * BLOCK_M, last_token),
-                       gl.minimum((q_block + 1) * BLOCK_M, num_tokens), s_ot, s_oh, BLOCK_M, D)
-        seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_M)
-        q_start = gl.load(query_start_loc_ptr + seq)
-        q_len = gl.load(query_start_loc_ptr + seq + 1) - q_start
-        local = q_block - (q_start // BLOCK_M + seq)  # this program's block within the sequence
-        if local * BLOCK_M >= q_len:
-            return
-        seq_len = gl.load(seq_lens_ptr + seq)
-        first_pos = seq_len - q_len + local * BLOCK_M  # the block's first query's position
-        key_end = first_pos + gl.minimum(BLOCK_M, q_len - local * BLOCK_M)  # its last query's + 1
-        n_tiles = gl.cdiv(key_end, BLOCK_N)
-        n_full = (first_pos + 1) // BLOCK_N
-        tok0 = q_start + local * BLOCK_M
+        for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
+            q_block = num_q_blocks - 1 - item // H
+            if (q_block + 1) * BLOCK_M > last_token:  # padding tokens in the block: zeros
+                _zero_rows(out_ptr, item % H, gl.maximum(q_block * BLOCK_M, last_token),
+                           gl.minimum((q_block + 1) * BLOCK_M, num_tokens), s_ot, s_oh, BLOCK_M, D)
 
         HALF: gl.constexpr = BLOCK_M // 2
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         tail_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(q_empty, count=2)  # both consumers
         mbarrier.init(tail_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # both consumers release a slot
+            mbarrier.init(k_empty.index(i), count=2)
             mbarrier.init(v_empty.index(i), count=2)
-        bt_row_ptr = block_table_ptr + seq.to(gl.int64) * s_bt
-        kv_col = (head // (H // KVH)) * D
-        rows_left = q_len - local * BLOCK_M
 
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
-            (_consumer, (WG0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr, qk_scale,
-                         tok0, rows_left, first_pos, head, n_tiles, n_full, s_ot, s_oh, BLOCK_M, BLOCK_N, D, STAGES)),
-            (_consumer, (WG1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, out_ptr, qk_scale,
-                         tok0, rows_left, first_pos, head, n_tiles, n_full, s_ot, s_oh, BLOCK_M, BLOCK_N, D, STAGES)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                         tail_bar, tok0, head * D, kv_col, bt_row_ptr, seq_len, n_tiles, BLOCK_N, PAGE, STAGES)),
+            (_consumer, (WG0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, out_ptr,
+                         query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot, s_oh, H, BLOCK_M,
+                         BLOCK_N, D, STAGES)),
+            (_consumer, (WG1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, out_ptr,
+                         query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot, s_oh, H, BLOCK_M,
+                         BLOCK_N, D, STAGES)),
+            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                         v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
+                         num_q_blocks, s_bt, H, KVH, D, BLOCK_M, BLOCK_N, PAGE, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -327,7 +375,8 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     rows = [blocks * page, kv_heads * head_size]
     k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, head_size], kv_layout)
                       for i in (0, 1))
-    grid = (num_heads, num_tokens // BLOCK_M + num_seqs)
+    items = num_heads * (num_tokens // BLOCK_M + num_seqs)
+    grid = (min(items, num_sms(q.device) * PERSISTENT_PROGRAMS_PER_SM) if PERSISTENT_PROGRAMS_PER_SM else items,)
     args = (q_desc, k_desc, v_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
             scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
     constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
