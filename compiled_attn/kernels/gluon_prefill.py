@@ -49,8 +49,19 @@ STAGES = 2  # K and V buffers each (2 x 32 KB each at head 128, with the 32 KB q
 # and 232/40 timed alike (582-587 us at 8x2048 dense, benchmarks/gluon_probe_h100.json).
 CONSUMER_REGS, PRODUCER_REGS = 232, 40
 # Programs: one a work item (0), or this many an SM, each walking work items (persistent: the producer
-# loads the next item's query and first K/V tiles while the consumers finish the last one).
+# loads the next item's query and first K/V tiles while the consumers finish the last one). H100,
+# two rounds: 8x2048 640 -> 592 us, prefix 2,243 -> 2,209, 1x16384 level (3,871 against 3,874;
+# benchmarks/gluon_prefill_ab_h100.json).
 PERSISTENT_PROGRAMS_PER_SM = 1
+# Outputs of whole 64-row halves leave through TMA, asynchronously (where out's heads are contiguous);
+# a block's rows past its sequence always through a masked store. 2% faster on every prefill case:
+# 8x2048 589 -> 578 us, 1x16384 3,902 -> 3,812, prefix 2,226 -> 2,204 (H100, two rounds,
+# benchmarks/gluon_prefill_ab2_h100.json).
+TMA_STORE = True
+# The two consumers take turns at issuing their dots, so one's softmax overlaps the other's dots.
+# Measured and not taken: 8x2048 580 -> 577 us, 1x16384 3,812 -> 3,835, prefix 2,204 -> 2,231 (H100,
+# with TMA_STORE; benchmarks/gluon_prefill_ab2_h100.json).
+PINGPONG = False
 LOG2E = 1.4426950408889634
 
 
@@ -151,10 +162,23 @@ if gluon is not None:
         return rows > 0, head, seq, q_start + local * BLOCK_M, rows, first_pos, seq_len, n_tiles, n_full
 
     @gluon.jit
-    def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                  out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot, s_oh,
-                  H: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  STAGES: gl.constexpr):
+    def _take_turn(my_turn, taken, PINGPONG: gl.constexpr):
+        """PINGPONG: wait until the other consumer has issued its tensor-core work of the previous
+        turn, so the two alternate at the tensor cores and one's softmax overlaps the other's dots."""
+        if PINGPONG:
+            mbarrier.wait(my_turn, taken & 1)
+        return taken + 1
+
+    @gluon.jit
+    def _pass_turn(their_turn, PINGPONG: gl.constexpr):
+        if PINGPONG:
+            mbarrier.arrive(their_turn)
+
+    @gluon.jit
+    def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
+                  v_empty, turns, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
+                  s_oh, H: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
+                  STAGES: gl.constexpr, TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr):
         """One warpgroup's ``BLOCK_M // 2`` rows of each of the program's work items, against key
         tiles ``[0, n_tiles)``; tiles from ``n_full`` on reach past the block's first query and are
         masked. The first tile holds key 0, which every row sees, so no row max stays -inf."""
@@ -171,6 +195,9 @@ if gluon is not None:
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
         tile = 0  # K/V ring position, over all items
         done = 0  # items done (the query tile's phase)
+        taken = 0  # turns taken at issuing tensor-core work (PINGPONG)
+        my_turn = turns.index(wg)
+        their_turn = turns.index(1 - wg)
         for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
             valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
                 item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N)
@@ -183,8 +210,10 @@ if gluon is not None:
 
                 stage = tile % STAGES
                 mbarrier.wait(k_ready.index(stage), (tile // STAGES) & 1)
+                taken = _take_turn(my_turn, taken, PINGPONG)
                 s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
                                   is_async=True)
+                _pass_turn(their_turn, PINGPONG)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(k_empty.index(stage))
                 if n_full > 0:
@@ -199,10 +228,12 @@ if gluon is not None:
                     # This tile's Q·K^T and the previous tile's P·V in flight together; the
                     # softmax runs while P·V does.
                     mbarrier.wait(k_ready.index(stage), ((tile + j) // STAGES) & 1)
+                    mbarrier.wait(v_ready.index(prev), ((tile + j - 1) // STAGES) & 1)
+                    taken = _take_turn(my_turn, taken, PINGPONG)
                     s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
                                       is_async=True)
-                    mbarrier.wait(v_ready.index(prev), ((tile + j - 1) // STAGES) & 1)
                     acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
+                    _pass_turn(their_turn, PINGPONG)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(k_empty.index(stage))
                     if j < n_full:
@@ -219,21 +250,33 @@ if gluon is not None:
 
                 last = (tile + n_tiles - 1) % STAGES
                 mbarrier.wait(v_ready.index(last), ((tile + n_tiles - 1) // STAGES) & 1)
+                taken = _take_turn(my_turn, taken, PINGPONG)
                 acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
+                _pass_turn(their_turn, PINGPONG)
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
                 mbarrier.arrive(v_empty.index(last))
                 tile += n_tiles
                 done += 1
 
-                # Rows past the sequence (the next sequence's tokens, or none) computed garbage: a
-                # masked store, not TMA, so they are never written.
                 l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-                o = gl.convert_layout((acc / gl.expand_dims(l_o, 1)).to(out_ptr.dtype.element_ty), out_layout)
-                rows = wg * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
-                cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
-                ptrs = (out_ptr + gl.expand_dims((tok0 + rows).to(gl.int64) * s_ot + head * s_oh, 1)
-                        + gl.expand_dims(cols, 0))
-                gl.store(ptrs, o, mask=gl.expand_dims(rows < rows_left, 1))
+                o = (acc / gl.expand_dims(l_o, 1)).to(dtype)
+                if TMA_STORE and rows_left >= (wg + 1) * HALF:
+                    # Every row is the sequence's: an asynchronous store, overlapping the next item.
+                    tma.store_wait(0)  # this warpgroup's previous store has left the buffer
+                    o_smem.index(wg).store(o)
+                    fence_async_shared()
+                    tma.async_copy_shared_to_global(o_desc, [tok0 + wg * HALF, head * D], o_smem.index(wg))
+                else:
+                    # Rows past the sequence (the next sequence's tokens, or none) computed
+                    # garbage: a masked store, so they are never written.
+                    o_rows = gl.convert_layout(o, out_layout)
+                    rows = wg * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
+                    cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
+                    ptrs = (out_ptr + gl.expand_dims((tok0 + rows).to(gl.int64) * s_ot + head * s_oh, 1)
+                            + gl.expand_dims(cols, 0))
+                    gl.store(ptrs, o_rows, mask=gl.expand_dims(rows < rows_left, 1))
+        if TMA_STORE:
+            tma.store_wait(0)  # the buffer must outlive the copy
 
     @gluon.jit
     def _zero_tail_rows(tile, valid, BLOCK_N: gl.constexpr):
@@ -308,10 +351,11 @@ if gluon is not None:
                 done += 1
 
     @gluon.jit
-    def _prefill_kernel(q_desc, k_desc, v_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
+    def _prefill_kernel(q_desc, k_desc, v_desc, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
                         num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
                         D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                        STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        STAGES: gl.constexpr, TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr,
+                        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
         persistent programs)."""
         num_q_blocks = num_tokens // BLOCK_M + num_seqs
@@ -326,6 +370,9 @@ if gluon is not None:
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF, D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+        o_smem = q_smem  # a placeholder where outputs are stored from registers
+        if TMA_STORE:
+            o_smem = gl.allocate_shared_memory(o_desc.dtype, [2, HALF, D], o_desc.layout)
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         q_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         tail_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -336,6 +383,11 @@ if gluon is not None:
         mbarrier.init(q_ready, count=1)
         mbarrier.init(q_empty, count=2)  # both consumers
         mbarrier.init(tail_bar, count=1)
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turns.index(0), count=1)
+        mbarrier.init(turns.index(1), count=1)
+        if PINGPONG:
+            mbarrier.arrive(turns.index(0))  # the first consumer takes the first turn
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -345,12 +397,12 @@ if gluon is not None:
         WG0: gl.constexpr = 0
         WG1: gl.constexpr = 1
         gl.warp_specialize([
-            (_consumer, (WG0, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, out_ptr,
-                         query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot, s_oh, H, BLOCK_M,
-                         BLOCK_N, D, STAGES)),
-            (_consumer, (WG1, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, out_ptr,
-                         query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot, s_oh, H, BLOCK_M,
-                         BLOCK_N, D, STAGES)),
+            (_consumer, (WG0, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                         turns, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale,
+                         s_ot, s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, PINGPONG)),
+            (_consumer, (WG1, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
+                         turns, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale,
+                         s_ot, s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, PINGPONG)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
                          num_q_blocks, s_bt, H, KVH, D, BLOCK_M, BLOCK_N, PAGE, STAGES)),
@@ -376,11 +428,16 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, head_size], kv_layout)
                       for i in (0, 1))
     items = num_heads * (num_tokens // BLOCK_M + num_seqs)
+    tma_store = TMA_STORE and out.stride(1) == head_size and out.stride(0) % 8 == 0 and out.storage_offset() % 8 == 0
+    o_desc = q_desc
+    if tma_store:
+        o_desc = TensorDescriptor(out, [num_tokens, num_heads * head_size], [out.stride(0), 1],
+                                  [BLOCK_M // 2, head_size], q_layout)
     grid = (min(items, num_sms(q.device) * PERSISTENT_PROGRAMS_PER_SM) if PERSISTENT_PROGRAMS_PER_SM else items,)
-    args = (q_desc, k_desc, v_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
+    args = (q_desc, k_desc, v_desc, o_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
             scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
     constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
-                      STAGES=STAGES, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+                      STAGES=STAGES, TMA_STORE=tma_store, PINGPONG=PINGPONG, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return grid, args, constexprs
 
 
