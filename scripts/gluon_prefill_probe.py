@@ -424,11 +424,13 @@ AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
 
 
 # gluon_prefill's module constants, by setting (the first is the one the others are checked against).
+# Earlier runs' settings (one program an item against persistent, benchmarks/gluon_prefill_ab_h100.json;
+# TMA store and a ping-pong between the consumers since removed, gluon_prefill_ab2_h100.json) name
+# switches of those commits.
 AB_SETTINGS = {
-    "persistent": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=False, PINGPONG=False),
-    "persistent, TMA store": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=True, PINGPONG=False),
-    "persistent, ping-pong": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=False, PINGPONG=True),
-    "persistent, TMA store, ping-pong": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=True, PINGPONG=True),
+    "persistent, TMA store": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=True),
+    "persistent": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=False),
+    "one program an item, TMA store": dict(PERSISTENT_PROGRAMS_PER_SM=0, TMA_STORE=True),
 }
 
 

@@ -58,10 +58,6 @@ PERSISTENT_PROGRAMS_PER_SM = 1
 # 8x2048 589 -> 578 us, 1x16384 3,902 -> 3,812, prefix 2,226 -> 2,204 (H100, two rounds,
 # benchmarks/gluon_prefill_ab2_h100.json).
 TMA_STORE = True
-# The two consumers take turns at issuing their dots, so one's softmax overlaps the other's dots.
-# Measured and not taken: 8x2048 580 -> 577 us, 1x16384 3,812 -> 3,835, prefix 2,204 -> 2,231 (H100,
-# with TMA_STORE; benchmarks/gluon_prefill_ab2_h100.json).
-PINGPONG = False
 LOG2E = 1.4426950408889634
 
 
@@ -162,23 +158,10 @@ if gluon is not None:
         return rows > 0, head, seq, q_start + local * BLOCK_M, rows, first_pos, seq_len, n_tiles, n_full
 
     @gluon.jit
-    def _take_turn(my_turn, taken, PINGPONG: gl.constexpr):
-        """PINGPONG: wait until the other consumer has issued its tensor-core work of the previous
-        turn, so the two alternate at the tensor cores and one's softmax overlaps the other's dots."""
-        if PINGPONG:
-            mbarrier.wait(my_turn, taken & 1)
-        return taken + 1
-
-    @gluon.jit
-    def _pass_turn(their_turn, PINGPONG: gl.constexpr):
-        if PINGPONG:
-            mbarrier.arrive(their_turn)
-
-    @gluon.jit
     def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                  v_empty, turns, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
+                  v_empty, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
                   s_oh, H: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  STAGES: gl.constexpr, TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr):
+                  STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
         """One warpgroup's ``BLOCK_M // 2`` rows of each of the program's work items, against key
         tiles ``[0, n_tiles)``; tiles from ``n_full`` on reach past the block's first query and are
         masked. The first tile holds key 0, which every row sees, so no row max stays -inf."""
@@ -195,9 +178,6 @@ if gluon is not None:
         zero_s = gl.zeros([HALF, BLOCK_N], gl.float32, layout=s_layout)
         tile = 0  # K/V ring position, over all items
         done = 0  # items done (the query tile's phase)
-        taken = 0  # turns taken at issuing tensor-core work (PINGPONG)
-        my_turn = turns.index(wg)
-        their_turn = turns.index(1 - wg)
         for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
             valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
                 item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N)
@@ -210,10 +190,8 @@ if gluon is not None:
 
                 stage = tile % STAGES
                 mbarrier.wait(k_ready.index(stage), (tile // STAGES) & 1)
-                taken = _take_turn(my_turn, taken, PINGPONG)
                 s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
                                   is_async=True)
-                _pass_turn(their_turn, PINGPONG)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(k_empty.index(stage))
                 if n_full > 0:
@@ -229,11 +207,9 @@ if gluon is not None:
                     # softmax runs while P·V does.
                     mbarrier.wait(k_ready.index(stage), ((tile + j) // STAGES) & 1)
                     mbarrier.wait(v_ready.index(prev), ((tile + j - 1) // STAGES) & 1)
-                    taken = _take_turn(my_turn, taken, PINGPONG)
                     s = warpgroup_mma(q_tile, k_smem.index(stage).permute((1, 0)), zero_s, use_acc=False,
                                       is_async=True)
                     acc = warpgroup_mma(p_op, v_smem.index(prev), acc, is_async=True)
-                    _pass_turn(their_turn, PINGPONG)
                     s = warpgroup_mma_wait(1, deps=(s, ))
                     mbarrier.arrive(k_empty.index(stage))
                     if j < n_full:
@@ -250,9 +226,7 @@ if gluon is not None:
 
                 last = (tile + n_tiles - 1) % STAGES
                 mbarrier.wait(v_ready.index(last), ((tile + n_tiles - 1) // STAGES) & 1)
-                taken = _take_turn(my_turn, taken, PINGPONG)
                 acc = warpgroup_mma(p_op, v_smem.index(last), acc, is_async=True)
-                _pass_turn(their_turn, PINGPONG)
                 acc, p_op = warpgroup_mma_wait(0, deps=(acc, p_op))
                 mbarrier.arrive(v_empty.index(last))
                 tile += n_tiles
@@ -354,8 +328,8 @@ if gluon is not None:
     def _prefill_kernel(q_desc, k_desc, v_desc, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
                         num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
                         D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                        STAGES: gl.constexpr, TMA_STORE: gl.constexpr, PINGPONG: gl.constexpr,
-                        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        STAGES: gl.constexpr, TMA_STORE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr):
         """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
         persistent programs)."""
         num_q_blocks = num_tokens // BLOCK_M + num_seqs
@@ -383,11 +357,6 @@ if gluon is not None:
         mbarrier.init(q_ready, count=1)
         mbarrier.init(q_empty, count=2)  # both consumers
         mbarrier.init(tail_bar, count=1)
-        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(turns.index(0), count=1)
-        mbarrier.init(turns.index(1), count=1)
-        if PINGPONG:
-            mbarrier.arrive(turns.index(0))  # the first consumer takes the first turn
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
@@ -398,11 +367,11 @@ if gluon is not None:
         WG1: gl.constexpr = 1
         gl.warp_specialize([
             (_consumer, (WG0, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                         turns, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale,
-                         s_ot, s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, PINGPONG)),
+                         o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
+                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE)),
             (_consumer, (WG1, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
-                         turns, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale,
-                         s_ot, s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, PINGPONG)),
+                         o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
+                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
                          num_q_blocks, s_bt, H, KVH, D, BLOCK_M, BLOCK_N, PAGE, STAGES)),
@@ -437,7 +406,7 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     args = (q_desc, k_desc, v_desc, o_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
             scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
     constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
-                      STAGES=STAGES, TMA_STORE=tma_store, PINGPONG=PINGPONG, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+                      STAGES=STAGES, TMA_STORE=tma_store, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return grid, args, constexprs
 
 
