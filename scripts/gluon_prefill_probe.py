@@ -419,6 +419,38 @@ def run_peers(shape: str) -> list[dict]:
     return rows
 
 
+def compile_sm90(name: str, n: int = 2048):
+    """Variant ``name``'s kernel built for an H100 on this machine (no GPU needed), specialised as a
+    launch on one ``n``-token sequence would be: a screen, and what the CPU test checks."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    variant = dict(VARIANTS[name])
+    page = variant.pop("page", None)
+    block_m, block_n = variant.get("block_m", 128), variant["block_n"]
+    q = torch.empty(n, H * D, dtype=torch.bfloat16)
+    k = torch.empty(n, KV_HEADS * D, dtype=torch.bfloat16)
+    q_desc = TensorDescriptor.from_tensor(
+        q, [block_m // 2, D], gl.NVMMASharedLayout.get_default_for([block_m // 2, D], gl.bfloat16))
+    k_desc = TensorDescriptor.from_tensor(
+        k, [min(page or block_n, block_n), D], gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16))
+    signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(k_desc), v_desc=mangle_type(k_desc),
+                     o_desc=mangle_type(q_desc), qk_scale="fp32")
+    constexprs = dict(N=n, H=H, KVH=KV_HEADS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=variant["stages"],
+                      PRODUCER_REGS=variant.get("producer_regs", 24), CONSUMER_REGS=variant.get("consumer_regs", 240))
+    kernel = _causal_attention
+    if page:
+        kernel = _paged_causal_attention
+        signature.update(bt_ptr="*i32", s_bt="i32")
+        constexprs["PAGE"] = page
+    signature.update({key: "constexpr" for key in constexprs})
+    names = kernel.arg_names
+    source = GluonASTSource(fn=kernel, signature={key: signature[key] for key in names},
+                            constexprs={(names.index(key),): value for key, value in constexprs.items()})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
 AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
             "4x2048 over 8192": ([2048] * 4, [10240] * 4)}
 

@@ -147,3 +147,17 @@ def test_runner_host_ab_builds_what_the_package_builds():
     for name in ("query_start_loc", "seq_lens", "block_table", "slot_mapping"):
         a, b = getattr(lists, name), getattr(package, name)
         assert a.dtype == b.dtype and a.tolist() == b.tolist(), name
+
+
+@pytest.mark.parametrize("variant", ["n128_s2", "paged16_n128_s2"])
+def test_gluon_prefill_probe_kernels_build_for_sm90(variant):
+    """The Gluon probe's kernels (which need an sm_90 GPU to run) build with this Triton, and its
+    A/B settings name switches the package's kernel has."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs Gluon's Hopper API")
+    import gluon_prefill_probe as probe
+    from compiled_attn.kernels import gluon_prefill
+
+    compiled = probe.compile_sm90(variant)
+    assert compiled.asm["cubin"] and "wgmma.mma_async" in compiled.asm["ptx"]
+    for setting in probe.AB_SETTINGS.values():
+        assert all(hasattr(gluon_prefill, name) for name in setting), setting

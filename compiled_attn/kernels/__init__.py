@@ -4,6 +4,8 @@
 - ``paged_attention.paged_attention`` — unified prefill / prefix-prefill / decode / spec-decode attention of a
   flattened mixed batch, with split-KV (flash-decoding) for decode buckets.
 - ``store_and_decode.store_and_decode`` — the store fused into a decode kernel.
+- ``gluon_prefill`` — the Hopper (sm_90) kernel that ``paged_attention`` hands prefill-shaped steps
+  in its scope to (Gluon: TMA loads, warp-specialised asynchronous wgmma; GPU-tested only).
 
 Each has a ``*_reference`` twin in plain PyTorch, and an operator:
 ``torch.ops.compiled_attn.triton_store_kv``, ``.triton_paged_attention`` and ``.store_and_decode``
