@@ -1,16 +1,19 @@
-"""Causal prefill attention in Gluon for Hopper, with no pages: does what plain Triton 3.6 cannot emit
-on sm_90 (a TMA producer warp feeding wgmma consumer warpgroups, each consumer overlapping one key
-tile's softmax with the next tile's Q·K^T and the previous tile's P·V) reach the goal that our
-Triton kernel misses? (GPU only; a diagnostic, not part of the package.)
+"""Causal prefill attention in Gluon for Hopper, dense or over pages: the probe that showed what plain
+Triton 3.6 cannot emit on sm_90 (a TMA producer warp feeding wgmma consumer warpgroups, each
+consumer overlapping one key tile's softmax with the next tile's Q·K^T and the previous tile's
+P·V) reaching the prefill goal, before the package's kernel (compiled_attn/kernels/gluon_prefill.py)
+was built on it. GPU only; a diagnostic, not part of the package.
 
     python scripts/gluon_prefill_probe.py --json out/gluon_probe.json
+    python scripts/gluon_prefill_probe.py --ab 2 --json out/ab.json   # the package's kernel's switches
 
 The shape is the benchmark's prefill 8x2048 (and 1x16384): 32 query heads, 8 KV heads, head 128,
-bf16, causal, on ``[B*N, heads*D]`` tensors. A program (CTA) takes ``BLOCK_M`` tokens of one query
-head: two consumer warpgroups of ``BLOCK_M // 2`` rows each (the default partition and a worker),
-and one producer warp that loads Q once and K/V tiles through a ring of ``STAGES`` buffers
-(TMA, mbarriers). Query blocks run longest first. cuDNN, FlashAttention-2 (SDPA) and our paged
-kernel run in the same process; each row reports the largest error against float32 SDPA.
+bf16, causal, on ``[B*N, heads*D]`` tensors (K/V dense, or in a cache of shuffled pages). A
+program (CTA) takes ``BLOCK_M`` tokens of one query head: two consumer warpgroups of
+``BLOCK_M // 2`` rows each (the default partition and a worker), and one producer warp that loads
+Q once and K/V tiles through a ring of ``STAGES`` buffers (TMA, mbarriers). Query blocks run
+longest first. cuDNN, FlashAttention-2 (SDPA) and our Triton kernel run in the same process; each
+row reports the largest error against float32 SDPA.
 """
 
 from __future__ import annotations
@@ -32,22 +35,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from compiled_attn.kernels.gluon_prefill import _softmax_tile  # the package's kernel's softmax
+
 LOG2E = 1.4426950408889634
-
-
-@gluon.jit
-def _softmax_tile(s, m_i, l_i, q_pos, key0, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                  MASKED: gl.constexpr):
-    """Online softmax of one score tile in log2 units: the tile's probabilities, the new row max and
-    sum, and the factor the running output is rescaled by."""
-    if MASKED:
-        keys = key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s = gl.where(gl.expand_dims(q_pos, 1) >= gl.expand_dims(keys, 0), s, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-    alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, m_new, l_i, alpha
 
 
 @gluon.jit
@@ -117,9 +107,30 @@ def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
 
 
 @gluon.jit
+def _load_tile(desc, smem, ready, empty, stage, free_phase, j, kv_row, kv_col, bt_row_ptr, seq_len,
+               BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
+    """Key tile ``j`` into ring slot ``stage`` once both consumers freed it. ``PAGE`` 0: rows from
+    ``kv_row`` on, one copy; else found through the block table, ``BLOCK_N // BOX`` copies of ``BOX =
+    min(PAGE, BLOCK_N)`` rows, each from its page."""
+    BOX: gl.constexpr = desc.block_type.shape[0]
+    mbarrier.wait(empty.index(stage), free_phase)
+    mbarrier.expect(ready.index(stage), BLOCK_N * desc.block_type.nbytes // BOX)
+    if PAGE == 0:
+        tma.async_copy_global_to_shared(desc, [kv_row + j * BLOCK_N, kv_col], ready.index(stage), smem.index(stage))
+    else:
+        for i in gl.static_range(BLOCK_N // BOX):
+            key = j * BLOCK_N + i * BOX
+            # Keys past the sequence (masked anyway) read block 0, never a table entry out of range.
+            block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+            tma.async_copy_global_to_shared(desc, [block * PAGE + key % PAGE, kv_col], ready.index(stage),
+                                            smem.index(stage).slice(i * BOX, BOX))
+
+
+@gluon.jit
 def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-              q_row, q_col, kv_row, kv_col, n_tiles, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """One warp: Q once, then K and V tiles through the ring, each into a slot both consumers freed."""
+              q_row, q_col, kv_row, kv_col, bt_row_ptr, seq_len, n_tiles, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+              STAGES: gl.constexpr):
+    """One warp: Q once, then K and V tiles through the ring."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
@@ -127,96 +138,19 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
     for j in range(n_tiles):
         stage = j % STAGES
         free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete
-        mbarrier.wait(k_empty.index(stage), free_phase)
-        mbarrier.expect(k_ready.index(stage), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row + j * BLOCK_N, kv_col], k_ready.index(stage),
-                                        k_smem.index(stage))
-        mbarrier.wait(v_empty.index(stage), free_phase)
-        mbarrier.expect(v_ready.index(stage), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [kv_row + j * BLOCK_N, kv_col], v_ready.index(stage),
-                                        v_smem.index(stage))
+        _load_tile(k_desc, k_smem, k_ready, k_empty, stage, free_phase, j, kv_row, kv_col, bt_row_ptr, seq_len,
+                   BLOCK_N, PAGE)
+        _load_tile(v_desc, v_smem, v_ready, v_empty, stage, free_phase, j, kv_row, kv_col, bt_row_ptr, seq_len,
+                   BLOCK_N, PAGE)
 
 
 @gluon.jit
-def _causal_attention(q_desc, k_desc, v_desc, o_desc, qk_scale, N: gl.constexpr, H: gl.constexpr,
+def _causal_attention(q_desc, k_desc, v_desc, o_desc, bt_ptr, s_bt, qk_scale, N: gl.constexpr, H: gl.constexpr,
                       KVH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    """Program (head x sequence, query block); blocks longest first (axis 1 reversed)."""
-    HALF: gl.constexpr = BLOCK_M // 2
-    head_seq = gl.program_id(0)
-    block = gl.num_programs(1) - 1 - gl.program_id(1)
-    head = head_seq % H
-    seq = head_seq // H
-    kv_head = head // (H // KVH)
-    row0 = seq * N + block * BLOCK_M
-    first = block * BLOCK_M
-    n_tiles = gl.cdiv(first + BLOCK_M, BLOCK_N)
-    n_full = first // BLOCK_N
-
-    q_smem = gl.allocate_shared_memory(gl.bfloat16, [2, HALF, D], q_desc.layout)
-    k_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.bfloat16, [STAGES, BLOCK_N, D], v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
-
-    WG0: gl.constexpr = 0
-    WG1: gl.constexpr = 1
-    gl.warp_specialize([
-        (_consumer, (WG0, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale, row0,
-                     first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
-        (_consumer, (WG1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale, row0,
-                     first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, row0,
-                     head * D, seq * N, kv_head * D, n_tiles, BLOCK_N, STAGES)),
-    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-
-
-@gluon.jit
-def _paged_producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                    q_row, q_col, kv_col, bt_row_ptr, seq_len, n_tiles, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                    STAGES: gl.constexpr):
-    """As ``_producer``, with K/V rows found through the block table: a tile is ``BLOCK_N // BOX``
-    boxes of ``BOX = min(PAGE, BLOCK_N)`` rows, each one TMA copy from its page."""
-    HALF: gl.constexpr = q_desc.block_type.shape[0]
-    BOX: gl.constexpr = k_desc.block_type.shape[0]
-    mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1))
-    for j in range(n_tiles):
-        stage = j % STAGES
-        free_phase = ((j // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(stage), free_phase)
-        mbarrier.expect(k_ready.index(stage), BLOCK_N * k_desc.block_type.nbytes // BOX)
-        for i in gl.static_range(BLOCK_N // BOX):
-            key = j * BLOCK_N + i * BOX
-            # Keys past the sequence (masked anyway) read block 0, never a table entry out of range.
-            block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-            tma.async_copy_global_to_shared(k_desc, [block * PAGE + key % PAGE, kv_col], k_ready.index(stage),
-                                            k_smem.index(stage).slice(i * BOX, BOX))
-        mbarrier.wait(v_empty.index(stage), free_phase)
-        mbarrier.expect(v_ready.index(stage), BLOCK_N * v_desc.block_type.nbytes // BOX)
-        for i in gl.static_range(BLOCK_N // BOX):
-            key = j * BLOCK_N + i * BOX
-            block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-            tma.async_copy_global_to_shared(v_desc, [block * PAGE + key % PAGE, kv_col], v_ready.index(stage),
-                                            v_smem.index(stage).slice(i * BOX, BOX))
-
-
-@gluon.jit
-def _paged_causal_attention(q_desc, k_desc, v_desc, o_desc, bt_ptr, s_bt, qk_scale, N: gl.constexpr,
-                            H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                            BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
-                            PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
-    """``_causal_attention`` over a paged cache (K/V descriptors over ``[blocks * PAGE, KVH * D]``)."""
+                      PAGE: gl.constexpr, STAGES: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                      CONSUMER_REGS: gl.constexpr):
+    """Program (head x sequence, query block); blocks longest first (axis 1 reversed). K/V
+    descriptors over ``[B * N, KVH * D]`` (``PAGE`` 0) or a paged cache's ``[blocks * PAGE, KVH * D]``."""
     HALF: gl.constexpr = BLOCK_M // 2
     head_seq = gl.program_id(0)
     block = gl.num_programs(1) - 1 - gl.program_id(1)
@@ -251,54 +185,33 @@ def _paged_causal_attention(q_desc, k_desc, v_desc, o_desc, bt_ptr, s_bt, qk_sca
                      first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
         (_consumer, (WG1, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, o_desc, qk_scale, row0,
                      first, head * D, n_tiles, n_full, BLOCK_M, BLOCK_N, D, STAGES)),
-        (_paged_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty,
-                           row0, head * D, kv_head * D, bt_row_ptr, N, n_tiles, BLOCK_N, PAGE, STAGES)),
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty, v_ready, v_empty, row0,
+                     head * D, seq * N, kv_head * D, bt_row_ptr, N, n_tiles, BLOCK_N, PAGE, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def causal_attention(q, k, v, out, *, block_m: int = 128, block_n: int = 128, stages: int = 2,
-                     producer_regs: int = 24, consumer_regs: int = 240):
-    """A launcher for ``q``/``out`` ``[B, N, H, D]`` and ``k``/``v`` ``[B, N, KVH, D]`` (contiguous)."""
+def causal_attention(q, out, k_rows, v_rows, *, block_table=None, page: int = 0, block_m: int = 128,
+                     block_n: int = 128, stages: int = 2, producer_regs: int = 24, consumer_regs: int = 240):
+    """A launcher for ``q``/``out`` ``[B, N, H, D]`` (contiguous) and K/V as rows ``[rows, KVH * D]``:
+    the sequences' own, one after another (``page`` 0), or a paged cache's through ``block_table``."""
     nb, n, h, d = q.shape
-    kvh = k.shape[2]
+    kvh = k_rows.shape[1] // d
     assert n % block_m == 0 and d == 128, "the probe covers whole blocks of head 128"
     q_layout = gl.NVMMASharedLayout.get_default_for([block_m // 2, d], gl.bfloat16)
     kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.bfloat16)
     q2, o2 = q.view(nb * n, h * d), out.view(nb * n, h * d)
-    k2, v2 = k.view(nb * n, kvh * d), v.view(nb * n, kvh * d)
+    box = min(page or block_n, block_n)
     descs = (TensorDescriptor.from_tensor(q2, [block_m // 2, d], q_layout),
-             TensorDescriptor.from_tensor(k2, [block_n, d], kv_layout),
-             TensorDescriptor.from_tensor(v2, [block_n, d], kv_layout),
+             TensorDescriptor.from_tensor(k_rows, [box, d], kv_layout),
+             TensorDescriptor.from_tensor(v_rows, [box, d], kv_layout),
              TensorDescriptor.from_tensor(o2, [block_m // 2, d], q_layout))
+    table = block_table if block_table is not None else torch.zeros(1, 1, dtype=torch.int32, device=q.device)
     grid = (h * nb, n // block_m)
 
     def launch():
-        _causal_attention[grid](*descs, d ** -0.5 * LOG2E, N=n, H=h, KVH=kvh, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-                                STAGES=stages, PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs,
-                                num_warps=4)
-    return launch
-
-
-def paged_causal_attention(q, cache, block_table, out, *, block_m: int = 128, block_n: int = 128, stages: int = 2,
-                           producer_regs: int = 24, consumer_regs: int = 240):
-    """``causal_attention`` with K/V from ``cache`` ``[2, blocks, page, KVH, D]`` through ``block_table``."""
-    nb, n, h, d = q.shape
-    _, blocks, page, kvh, _ = cache.shape
-    box = min(page, block_n)
-    q_layout = gl.NVMMASharedLayout.get_default_for([block_m // 2, d], gl.bfloat16)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.bfloat16)
-    q2, o2 = q.view(nb * n, h * d), out.view(nb * n, h * d)
-    k2, v2 = cache[0].view(blocks * page, kvh * d), cache[1].view(blocks * page, kvh * d)
-    descs = (TensorDescriptor.from_tensor(q2, [block_m // 2, d], q_layout),
-             TensorDescriptor.from_tensor(k2, [box, d], kv_layout),
-             TensorDescriptor.from_tensor(v2, [box, d], kv_layout),
-             TensorDescriptor.from_tensor(o2, [block_m // 2, d], q_layout))
-    grid = (h * nb, n // block_m)
-
-    def launch():
-        _paged_causal_attention[grid](*descs, block_table, block_table.stride(0), d ** -0.5 * LOG2E, N=n, H=h,
-                                      KVH=kvh, D=d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, STAGES=stages,
-                                      PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
+        _causal_attention[grid](*descs, table, table.stride(0), d ** -0.5 * LOG2E, N=n, H=h, KVH=kvh, D=d,
+                                BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, STAGES=stages,
+                                PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
     return launch
 
 
@@ -363,10 +276,11 @@ def run_variant(name: str, shape: str) -> dict:
     out = torch.full_like(q, float("nan"))
     variant = dict(VARIANTS[name])
     if "page" in variant:
-        cache, block_table = _paged(k, v, variant.pop("page"))
-        launch = paged_causal_attention(q, cache, block_table, out, **variant)
+        cache, block_table = _paged(k, v, variant["page"])
+        rows = [c.view(-1, k.shape[2] * D) for c in cache]
+        launch = causal_attention(q, out, *rows, block_table=block_table, **variant)
     else:
-        launch = causal_attention(q, k, v, out, **variant)
+        launch = causal_attention(q, out, k.view(-1, k.shape[2] * D), v.view(-1, k.shape[2] * D), **variant)
     launch()
     torch.cuda.synchronize()
     err = (out.float() - _reference(q, k, v)).abs().max().item()
@@ -426,8 +340,8 @@ def compile_sm90(name: str, n: int = 2048):
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    variant = dict(VARIANTS[name])
-    page = variant.pop("page", None)
+    variant = VARIANTS[name]
+    page = variant.get("page")
     block_m, block_n = variant.get("block_m", 128), variant["block_n"]
     q = torch.empty(n, H * D, dtype=torch.bfloat16)
     k = torch.empty(n, KV_HEADS * D, dtype=torch.bfloat16)
@@ -436,14 +350,11 @@ def compile_sm90(name: str, n: int = 2048):
     k_desc = TensorDescriptor.from_tensor(
         k, [min(page or block_n, block_n), D], gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16))
     signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(k_desc), v_desc=mangle_type(k_desc),
-                     o_desc=mangle_type(q_desc), qk_scale="fp32")
-    constexprs = dict(N=n, H=H, KVH=KV_HEADS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=variant["stages"],
-                      PRODUCER_REGS=variant.get("producer_regs", 24), CONSUMER_REGS=variant.get("consumer_regs", 240))
+                     o_desc=mangle_type(q_desc), bt_ptr="*i32", s_bt="i32", qk_scale="fp32")
+    constexprs = dict(N=n, H=H, KVH=KV_HEADS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page or 0,
+                      STAGES=variant["stages"], PRODUCER_REGS=variant.get("producer_regs", 24),
+                      CONSUMER_REGS=variant.get("consumer_regs", 240))
     kernel = _causal_attention
-    if page:
-        kernel = _paged_causal_attention
-        signature.update(bt_ptr="*i32", s_bt="i32")
-        constexprs["PAGE"] = page
     signature.update({key: "constexpr" for key in constexprs})
     names = kernel.arg_names
     source = GluonASTSource(fn=kernel, signature={key: signature[key] for key in names},

@@ -10,6 +10,7 @@ and asserts that the Gluon kernel, not the Triton one, served it.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from compiled_attn.kernels import gluon_prefill as gp  # noqa: E402
 from compiled_attn.kernels import paged_attention as pa_mod  # noqa: E402
 from compiled_attn.kernels import store_kv as sk_mod  # noqa: E402
 from batches import TOLERANCE, rel_error  # noqa: E402
-from test_triton_kernels import GPU_BATCHES, Case, _attention, _ragged, make_paged, nan_poisoned, reference_chunked  # noqa: E402
+from test_triton_kernels import (  # noqa: E402
+    GPU_BATCHES, Case, _attention, _ragged, make_paged, nan_poisoned, reference_chunked)
 
 gpu = pytest.mark.gpu
 needs_sm90 = pytest.mark.skipif(
@@ -177,3 +179,14 @@ def test_gluon_prefill_never_on_cpu_or_under_the_interpreter(monkeypatch):
     assert not pa_mod._takes_gluon_prefill(*args)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not pa_mod._takes_gluon_prefill(*args)
+
+
+def test_gluon_prefill_switched_off_by_the_environment():
+    import subprocess
+    import sys
+
+    code = "import compiled_attn.kernels.gluon_prefill as gp; print(gp.ENABLED)"
+    for value, expected in (("0", "False"), ("off", "False"), ("1", "True")):
+        env = dict(os.environ, COMPILED_ATTN_GLUON_PREFILL=value)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected, (value, done.stdout, done.stderr)

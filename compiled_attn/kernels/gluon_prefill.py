@@ -1,18 +1,25 @@
 """Prefill-shaped paged attention for Hopper (sm_90) in Gluon: the warp-specialised kernel that plain
 Triton does not emit there.
 
-A program (CTA) takes ``BLOCK_M`` query tokens of one query head and three roles:
+A work item is ``BLOCK_M`` query tokens of one query head; a program (CTA, one an SM) walks the
+items ``p, p + P, ...`` with three roles:
 
-- a producer warp loads the query tile once and the K/V tiles through a ring of ``STAGES`` shared
-  buffers with TMA, one copy per page a tile spans (pages are found through the block table);
+- a producer warp loads each item's query tile and its K/V tiles through a ring of ``STAGES``
+  shared buffers with TMA, one copy per page a tile spans (pages found through the block table),
+  running ahead into the next item while the consumers finish one;
 - two consumer warpgroups of ``BLOCK_M // 2`` rows each run the tensor-core dots asynchronously:
   each issues one tile's Q·K^T and the previous tile's P·V together and computes that tile's
-  softmax while P·V runs.
+  softmax while P·V runs, then stores its rows (TMA where all are the sequence's).
 
 Sequences are found as in ``paged_attention`` (``query_start_loc[s] // BLOCK_M + s`` is the first
-query block of sequence ``s``; the grid runs the blocks last to first, the heads of one block on
-consecutive programs). The new tokens' K/V must already be in the cache; tiles below the causal
-diagonal run unmasked. Padding tokens (``>= query_start_loc[-1]``) get zeros.
+query block of sequence ``s``; items run the blocks last to first, the heads of one block
+consecutive). The new tokens' K/V must already be in the cache; tiles below the causal diagonal run
+unmasked. Padding tokens (``>= query_start_loc[-1]``) get zeros.
+
+A step's short sequences (the decodes a chunked-prefill step carries) cost an item a query head,
+each a whole 128-row tile over their context; the Triton kernel packs the query heads of a KV head
+into its tiles instead. Not measured: ``COMPILED_ATTN_GLUON_PREFILL=0`` keeps every step on the
+Triton kernel.
 
 Scope (:func:`supported`): CUDA sm_90 with a Triton whose Gluon has the Hopper API, fp16/bf16 q and
 cache, head size 64 or 128, token-major contiguous cache pages, causal attention with no window,
@@ -21,6 +28,8 @@ under the Triton interpreter: they are tested on the GPU, and compiled for sm_90
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -40,11 +49,14 @@ try:
 except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel serves every step
     gluon = None
 
-ENABLED = True  # False: every step takes the Triton kernel
+# False (COMPILED_ATTN_GLUON_PREFILL=0 at import): every step takes the Triton kernel.
+ENABLED = os.environ.get("COMPILED_ATTN_GLUON_PREFILL", "1").strip().lower() not in ("0", "false", "no", "off")
 HEAD_SIZES = (64, 128)
 BLOCK_M = 128  # query tokens a program: two consumer warpgroups of 64 rows
 BLOCK_N = 128  # keys a tile
-STAGES = 2  # K and V buffers each (2 x 32 KB each at head 128, with the 32 KB query tile: 160 KB)
+# K and V buffers each: at head 128, 2 x 2 x 32 KB, with the query tile, the TMA store buffers (32 KB
+# each) and layout-conversion scratch 213 KB of shared memory.
+STAGES = 2
 # Registers a thread, set by setmaxnreg in each partition (the producer zeroes tile tails: 40). 240/24
 # and 232/40 timed alike (582-587 us at 8x2048 dense, benchmarks/gluon_probe_h100.json).
 CONSUMER_REGS, PRODUCER_REGS = 232, 40
@@ -406,7 +418,8 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     args = (q_desc, k_desc, v_desc, o_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
             scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
     constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
-                      STAGES=STAGES, TMA_STORE=tma_store, PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+                      STAGES=STAGES, TMA_STORE=tma_store, PRODUCER_REGS=PRODUCER_REGS,
+                      CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return grid, args, constexprs
 
 

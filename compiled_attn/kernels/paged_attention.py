@@ -976,7 +976,9 @@ def paged_attention(
     ``[B+1]``, seq_lens ``[B]``, block_table ``[B, max_blocks]`` (int32). ``max_query_len`` is the
     static bound from the bucket. The new tokens' K/V must already be in the cache (store_kv).
     Padding tokens (index >= ``query_start_loc[-1]``) get zeros. ``num_splits``/``tile_n``
-    override the static heuristics (tests, benchmarks). No host synchronisation.
+    override the static heuristics (tests, benchmarks; ``tile_n`` also keeps the step on this
+    kernel). No host synchronisation. On sm_90, prefill-shaped steps in :mod:`.gluon_prefill`'s
+    scope run that kernel instead.
 
     Equivalent PyTorch code: :func:`paged_attention_reference`.
 
