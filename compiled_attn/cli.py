@@ -84,7 +84,23 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {mark}")
     if note:
         print(f"no backend selected: {note}")
+    print(f"  prefill kernel of triton/trtllm: {_prefill_kernel(spec, device, dtype, args.block_size)}")
     return 0
+
+
+def _prefill_kernel(spec, device: str, dtype: torch.dtype, block_size: int) -> str:
+    """Which kernel the ``triton``/``trtllm`` backends' prefill steps of this layer take here."""
+    try:
+        from .kernels import gluon_prefill, paged_attention
+    except ImportError as e:
+        return f"none ({e})"
+    q = torch.empty(1, spec.num_heads, spec.head_size, device=device, dtype=dtype)
+    cache = torch.empty(2, 1, block_size, spec.num_kv_heads, spec.head_size, device=device, dtype=dtype)
+    longest_decode = paged_attention.SPLIT_MAX_QUERY_LEN
+    reason = gluon_prefill._unsupported_reason(
+        q, cache, q, sliding_window=None, logits_soft_cap=None, alibi_slopes=None, num_splits=None,
+        max_query_len=longest_decode + 1, split_max_query_len=longest_decode)
+    return "Gluon (sm_90, gluon_prefill)" if reason is None else f"Triton (Gluon: {reason})"
 
 
 # ---------------------------------------------------------------- generate

@@ -48,6 +48,7 @@ def test_generate_example_from_local_hf_checkpoint(tmp_path):
 def test_cli_info():
     out = run("-m", "compiled_attn", "info")
     assert "torch" in out and "reference" in out and "selected" in out
+    assert "prefill kernel of triton/trtllm:" in out, out
 
 
 def test_cli_generate():
