@@ -190,10 +190,11 @@ def _causal_attention(q_desc, k_desc, v_desc, o_desc, bt_ptr, s_bt, qk_scale, N:
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def causal_attention(q, out, k_rows, v_rows, *, block_table=None, page: int = 0, block_m: int = 128,
-                     block_n: int = 128, stages: int = 2, producer_regs: int = 24, consumer_regs: int = 240):
-    """A launcher for ``q``/``out`` ``[B, N, H, D]`` (contiguous) and K/V as rows ``[rows, KVH * D]``:
-    the sequences' own, one after another (``page`` 0), or a paged cache's through ``block_table``."""
+def launch_args(q, out, k_rows, v_rows, *, block_table=None, page: int = 0, block_m: int = 128, block_n: int = 128,
+                stages: int = 2, producer_regs: int = 24, consumer_regs: int = 240):
+    """(grid, args, constexprs) for ``q``/``out`` ``[B, N, H, D]`` (contiguous) and K/V as rows
+    ``[rows, KVH * D]``: the sequences' own, one after another (``page`` 0), or a paged cache's
+    through ``block_table``."""
     nb, n, h, d = q.shape
     kvh = k_rows.shape[1] // d
     assert n % block_m == 0 and d == 128, "the probe covers whole blocks of head 128"
@@ -201,17 +202,23 @@ def causal_attention(q, out, k_rows, v_rows, *, block_table=None, page: int = 0,
     kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gl.bfloat16)
     q2, o2 = q.view(nb * n, h * d), out.view(nb * n, h * d)
     box = min(page or block_n, block_n)
-    descs = (TensorDescriptor.from_tensor(q2, [block_m // 2, d], q_layout),
-             TensorDescriptor.from_tensor(k_rows, [box, d], kv_layout),
-             TensorDescriptor.from_tensor(v_rows, [box, d], kv_layout),
-             TensorDescriptor.from_tensor(o2, [block_m // 2, d], q_layout))
     table = block_table if block_table is not None else torch.zeros(1, 1, dtype=torch.int32, device=q.device)
-    grid = (h * nb, n // block_m)
+    args = (TensorDescriptor.from_tensor(q2, [block_m // 2, d], q_layout),
+            TensorDescriptor.from_tensor(k_rows, [box, d], kv_layout),
+            TensorDescriptor.from_tensor(v_rows, [box, d], kv_layout),
+            TensorDescriptor.from_tensor(o2, [block_m // 2, d], q_layout),
+            table, table.stride(0), d ** -0.5 * LOG2E)
+    constexprs = dict(N=n, H=h, KVH=kvh, D=d, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, STAGES=stages,
+                      PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
+    return (h * nb, n // block_m), args, constexprs
+
+
+def causal_attention(q, out, k_rows, v_rows, **options):
+    """A launcher: see :func:`launch_args`."""
+    grid, args, constexprs = launch_args(q, out, k_rows, v_rows, **options)
 
     def launch():
-        _causal_attention[grid](*descs, table, table.stride(0), d ** -0.5 * LOG2E, N=n, H=h, KVH=kvh, D=d,
-                                BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page, STAGES=stages,
-                                PRODUCER_REGS=producer_regs, CONSUMER_REGS=consumer_regs, num_warps=4)
+        _causal_attention[grid](*args, **constexprs)
     return launch
 
 
@@ -336,30 +343,14 @@ def run_peers(shape: str) -> list[dict]:
 def compile_sm90(name: str, n: int = 2048):
     """Variant ``name``'s kernel built for an H100 on this machine (no GPU needed), specialised as a
     launch on one ``n``-token sequence would be: a screen, and what the CPU test checks."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
+    from compiled_attn.kernels import _aot
 
-    variant = VARIANTS[name]
-    page = variant.get("page")
-    block_m, block_n = variant.get("block_m", 128), variant["block_n"]
-    q = torch.empty(n, H * D, dtype=torch.bfloat16)
-    k = torch.empty(n, KV_HEADS * D, dtype=torch.bfloat16)
-    q_desc = TensorDescriptor.from_tensor(
-        q, [block_m // 2, D], gl.NVMMASharedLayout.get_default_for([block_m // 2, D], gl.bfloat16))
-    k_desc = TensorDescriptor.from_tensor(
-        k, [min(page or block_n, block_n), D], gl.NVMMASharedLayout.get_default_for([block_n, D], gl.bfloat16))
-    signature = dict(q_desc=mangle_type(q_desc), k_desc=mangle_type(k_desc), v_desc=mangle_type(k_desc),
-                     o_desc=mangle_type(q_desc), bt_ptr="*i32", s_bt="i32", qk_scale="fp32")
-    constexprs = dict(N=n, H=H, KVH=KV_HEADS, D=D, BLOCK_M=block_m, BLOCK_N=block_n, PAGE=page or 0,
-                      STAGES=variant["stages"], PRODUCER_REGS=variant.get("producer_regs", 24),
-                      CONSUMER_REGS=variant.get("consumer_regs", 240))
-    kernel = _causal_attention
-    signature.update({key: "constexpr" for key in constexprs})
-    names = kernel.arg_names
-    source = GluonASTSource(fn=kernel, signature={key: signature[key] for key in names},
-                            constexprs={(names.index(key),): value for key, value in constexprs.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    variant = dict(VARIANTS[name])
+    q = torch.empty(1, n, H, D, dtype=torch.bfloat16)
+    rows = torch.empty(n, KV_HEADS * D, dtype=torch.bfloat16)
+    table = torch.zeros(1, n // variant.get("page", n), dtype=torch.int32) if "page" in variant else None
+    _, args, constexprs = launch_args(q, torch.empty_like(q), rows, rows, block_table=table, **variant)
+    return _aot.compile_gluon(_causal_attention, args, constexprs)
 
 
 AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),

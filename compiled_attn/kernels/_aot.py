@@ -205,13 +205,30 @@ def sass_stats(compiled, *, top: int = 5) -> dict:
             "shared_bytes": compiled.metadata.shared, "instructions": len(instructions), "loops": loop_rows}
 
 
+def compile_gluon(kernel, args, constexprs: dict, *, divisible=(), arch: int = 90):
+    """A Gluon kernel built for ``arch`` as a launch with these (real, CPU-resident) arguments would
+    build it: argument types from the values (TMA descriptors, tensors, ints, floats), and the
+    ``divisible`` arguments known multiples of 16, as the JIT finds aligned pointers and strides."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    constexprs = dict(constexprs)
+    num_warps = constexprs.pop("num_warps", 4)
+    names = kernel.arg_names
+    signature = {name: "fp32" if isinstance(arg, float) else "i32" if isinstance(arg, int) else mangle_type(arg)
+                 for name, arg in zip(names, args)}
+    signature.update({name: "constexpr" for name in constexprs})
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
+    source = GluonASTSource(fn=kernel, signature=signature,
+                            constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
+    return triton.compile(source, target=target(arch), options={"num_warps": num_warps})
+
+
 def compile_gluon_prefill(*, arch: int = 90, head_size: int = 128, block_size: int = 16, heads: int = 32,
                           kv_heads: int = 8, dtype=None):
     """The Gluon prefill kernel (``gluon_prefill``) built for ``arch`` as a launch on tensors of these
-    shapes would build it (TMA descriptors, 16-byte aligned pointers and strides)."""
+    shapes would build it."""
     import torch
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
 
     from . import gluon_prefill as gp
 
@@ -219,17 +236,7 @@ def compile_gluon_prefill(*, arch: int = 90, head_size: int = 128, block_size: i
     q = torch.empty(256, heads, head_size, dtype=dtype)
     cache = torch.empty(2, 64, block_size, kv_heads, head_size, dtype=dtype)
     seq = torch.zeros(2, dtype=torch.int32)
-    grid, args, constexprs = gp.launch_args(q, cache, torch.zeros(3, dtype=torch.int32), seq,
-                                            torch.zeros(2, 8, dtype=torch.int32), torch.empty_like(q), scale=0.1)
-    num_warps = constexprs.pop("num_warps")
-    kernel = gp._prefill_kernel
-    names = kernel.arg_names
-    signature = {name: mangle_type(arg) if not isinstance(arg, (int, float)) else ("fp32" if isinstance(arg, float)
-                                                                                   else "i32")
-                 for name, arg in zip(names, args)}
-    signature.update({name: "constexpr" for name in constexprs})
-    attrs = {(names.index(name),): [["tt.divisibility", 16]]
-             for name in ("out_ptr", "query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr", "s_ot", "s_oh")}
-    source = GluonASTSource(fn=kernel, signature=signature,
-                            constexprs={(names.index(k),): v for k, v in constexprs.items()}, attrs=attrs)
-    return triton.compile(source, target=target(arch), options={"num_warps": num_warps})
+    _, args, constexprs = gp.launch_args(q, cache, torch.zeros(3, dtype=torch.int32), seq,
+                                         torch.zeros(2, 8, dtype=torch.int32), torch.empty_like(q), scale=0.1)
+    return compile_gluon(gp._prefill_kernel, args, constexprs, arch=arch, divisible=(
+        "out_ptr", "query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr", "s_ot", "s_oh"))
