@@ -73,8 +73,9 @@ TMA_STORE = True
 LOG2E = 1.4426950408889634
 
 
-def _unsupported_reason(q, kv_cache, out, *, sliding_window, logits_soft_cap, alibi_slopes, num_splits,
-                        max_query_len: int, split_max_query_len: int) -> str | None:
+def unsupported_reason(q, kv_cache, out, *, sliding_window, logits_soft_cap, alibi_slopes, num_splits,
+                       max_query_len: int, split_max_query_len: int) -> str | None:
+    """Why this launch does not take the Gluon kernel, or None where it does (see :func:`supported`)."""
     if gluon is None or not ENABLED:
         return "Gluon's Hopper API is not available" if gluon is None else "disabled"
     if q.device.type != "cuda" or torch.cuda.get_device_capability(q.device) != (9, 0):
@@ -107,7 +108,7 @@ def supported(q, kv_cache, out, **static) -> bool:
     """Whether this launch takes the Gluon kernel: decided from static properties only (device,
     dtypes, shapes, strides, the bucket's ``max_query_len``), so a compiled or captured step always
     takes the same kernel."""
-    return _unsupported_reason(q, kv_cache, out, **static) is None
+    return unsupported_reason(q, kv_cache, out, **static) is None
 
 
 if gluon is not None:
