@@ -96,11 +96,13 @@ def _prefill_kernel(spec, device: str, dtype: torch.dtype, block_size: int) -> s
         return f"none ({e})"
     q = torch.empty(1, spec.num_heads, spec.head_size, device=device, dtype=dtype)
     cache = torch.empty(2, 1, block_size, spec.num_kv_heads, spec.head_size, device=device, dtype=dtype)
-    longest_decode = paged_attention.SPLIT_MAX_QUERY_LEN
+    longest_decode, short = paged_attention.SPLIT_MAX_QUERY_LEN, gluon_prefill.SHORT_QUERY_LEN
     reason = gluon_prefill.unsupported_reason(
         q, cache, q, sliding_window=None, logits_soft_cap=None, alibi_slopes=None, num_splits=None,
-        max_query_len=longest_decode + 1, split_max_query_len=longest_decode)
-    return "Gluon (sm_90, gluon_prefill)" if reason is None else f"Triton (Gluon: {reason})"
+        max_query_len=max(longest_decode, short) + 1, split_max_query_len=longest_decode)
+    if reason is not None:
+        return f"Triton (Gluon: {reason})"
+    return "Gluon (sm_90, gluon_prefill)" + (f"; sequences of up to {short} new tokens: Triton" if short else "")
 
 
 # ---------------------------------------------------------------- generate

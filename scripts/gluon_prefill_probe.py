@@ -353,25 +353,31 @@ def compile_sm90(name: str, n: int = 2048):
     return _aot.compile_gluon(_causal_attention, args, constexprs)
 
 
+# (query lengths, sequence lengths) of each step. The mixed ones are chunked-prefill steps: a prefill
+# chunk and the running sequences' decodes in one launch, as the scheduler batches them.
 AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
-            "4x2048 over 8192": ([2048] * 4, [10240] * 4)}
+            "4x2048 over 8192": ([2048] * 4, [10240] * 4),
+            "2048 over 8192 + 64 decodes of 4096": ([2048] + [1] * 64, [10240] + [4096] * 64),
+            "512 + 128 decodes of 2048": ([512] + [1] * 128, [512] + [2048] * 128),
+            "32x64 over 4096": ([64] * 32, [4096] * 32), "32x128 over 4096": ([128] * 32, [4096] * 32)}
 
 
 # gluon_prefill's module constants, by setting (the first is the one the others are checked against).
 # Earlier runs' settings (one program an item against persistent, benchmarks/gluon_prefill_ab_h100.json;
-# TMA store and a ping-pong between the consumers since removed, gluon_prefill_ab2_h100.json) name
-# switches of those commits.
+# TMA store and a ping-pong between the consumers since removed, gluon_prefill_ab2_h100.json; every
+# sequence in the Gluon kernel, gluon_prefill_mixed_ab_h100.json) name switches of those commits.
 AB_SETTINGS = {
-    "persistent, TMA store": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=True),
-    "persistent": dict(PERSISTENT_PROGRAMS_PER_SM=1, TMA_STORE=False),
-    "one program an item, TMA store": dict(PERSISTENT_PROGRAMS_PER_SM=0, TMA_STORE=True),
+    "short sequences to Triton (64)": dict(SHORT_QUERY_LEN=64),
+    "every sequence in Gluon": dict(SHORT_QUERY_LEN=0),
+    "short sequences to Triton (8)": dict(SHORT_QUERY_LEN=8),
+    "short sequences to Triton (128)": dict(SHORT_QUERY_LEN=128),
 }
 
 
-def run_ab(rounds: int) -> list[dict]:
-    """The package's paged_attention (pages of 16, shuffled; no store) at the benchmark's prefill
-    shapes, graph-replayed, under each of AB_SETTINGS in turn and the Triton kernel, ``rounds``
-    times, and each output's error against the first setting's."""
+def run_ab(rounds: int, cases=tuple(AB_CASES)) -> list[dict]:
+    """The package's paged_attention (pages of 16, shuffled; no store) at the prefill-shaped steps
+    ``cases`` of AB_CASES, graph-replayed, under each of AB_SETTINGS in turn and the Triton kernel,
+    ``rounds`` times, and each output's error against the first setting's."""
     from triton.testing import do_bench_cudagraph
 
     from compiled_attn.kernels import gluon_prefill as gp
@@ -379,15 +385,20 @@ def run_ab(rounds: int) -> list[dict]:
     settings = {name: dict(ENABLED=True, **setting) for name, setting in AB_SETTINGS.items()}
     settings["triton"] = dict(ENABLED=False)
     rows = []
-    for case, (q_lens, seq_lens) in AB_CASES.items():
-        nb, n, ctx = len(q_lens), q_lens[0], seq_lens[0]
+    for case in cases:
+        q_lens, seq_lens = AB_CASES[case]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(nb * n, H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k, v = (torch.randn(nb, ctx, KV_HEADS, D, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv")
-        cache, block_table = _paged(k, v, 16)
-        query_start_loc = torch.arange(0, nb * n + 1, n, device="cuda", dtype=torch.int32)
+        q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        pages = [triton.cdiv(n, 16) for n in seq_lens]
+        cache = torch.randn(2, sum(pages), 16, KV_HEADS, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        order = torch.randperm(sum(pages), device="cuda", generator=gen).to(torch.int32)
+        block_table = torch.zeros(len(pages), max(pages), device="cuda", dtype=torch.int32)
+        for i, part in enumerate(order.split(pages)):
+            block_table[i, :len(part)] = part
+        query_start_loc = torch.tensor([0] + q_lens, device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
         lens = torch.tensor(seq_lens, device="cuda", dtype=torch.int32)
         one = torch.ones((), device="cuda")
+        n = max(q_lens)
         flops = sum(4 * H * D * (q * (c - q) + q * (q + 1) / 2) for q, c in zip(q_lens, seq_lens))
         outs = {}
         for r in range(rounds):
@@ -424,12 +435,14 @@ def main() -> None:
     parser.add_argument("--timeout", type=int, default=120, help="seconds a child may take (a hang is a result)")
     parser.add_argument("--ab", type=int, metavar="ROUNDS",
                         help="time the package's kernels under each gluon_prefill setting instead")
+    parser.add_argument("--ab-cases", default=",".join(AB_CASES), help="the steps --ab times (AB_CASES)")
     args = parser.parse_args()
     if args.ab:
-        rows = run_ab(args.ab)
+        rows = run_ab(args.ab, args.ab_cases.split(","))
         Path(args.json).write_text(json.dumps(dict(
             card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
-            command=f"python scripts/gluon_prefill_probe.py --ab {args.ab}", rows=rows), indent=1))
+            command=f"python scripts/gluon_prefill_probe.py --ab {args.ab} --ab-cases '{args.ab_cases}'",
+            rows=rows), indent=1))
         return
     if args.one:
         print("ROW " + json.dumps(run_variant(*args.one)), flush=True)

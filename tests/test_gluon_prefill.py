@@ -49,7 +49,8 @@ CASES = {
     "prefix_tails_bf16_d128_g2_bs16": ("prefix_tails", Case("", 8, 4, 128, 16, BF16)),
     "chunked_32k_bf16": ("chunked_32k", Case("", 32, 8, 128, 16, BF16)),
     "mixed_small_bf16_bs32": ("mixed_small", Case("", 16, 4, 128, 32, BF16, max_query_len=130)),
-    "mixed_256_bf16": ("mixed_256", Case("", 32, 8, 128, 16, BF16, max_query_len=64)),
+    # a prefill bucket of short sequences only: the Gluon launch skips them all, the Triton one serves them
+    "mixed_256_bf16": ("mixed_256", Case("", 32, 8, 128, 16, BF16, max_query_len=130)),
 }
 
 
@@ -110,6 +111,39 @@ def test_gpu_gluon_matches_triton_at_benchmark_shapes(gluon_calls, monkeypatch, 
 
 @gpu
 @needs_sm90
+@pytest.mark.parametrize("short", [0, 8, 64])
+@pytest.mark.parametrize("batch", ["mixed_small", "prefix_tails", "chunked_32k"])
+def test_gpu_gluon_leaves_short_sequences_to_triton(gluon_calls, monkeypatch, batch, short):
+    """Sequences of at most ``SHORT_QUERY_LEN`` new tokens (decodes, speculative tokens, short
+    chunks) take the Triton kernel in launches of their own (up to 8 new tokens, and above), the rest
+    the Gluon one (0: Gluon takes all); every row is written once and right, whatever the bound."""
+    monkeypatch.setattr(gp, "SHORT_QUERY_LEN", short)
+    short_launches = []
+    plan = pa_mod._launch_plan
+
+    def spied(*args, **kwargs):
+        short_launches.append(kwargs.get("short_range"))
+        return plan(*args, **kwargs)
+
+    monkeypatch.setattr(pa_mod, "_launch_plan", spied)
+    case = Case(batch, 32, 8, 128, 16, BF16, max_query_len=max(BATCHES[batch][0]))
+    b = case.make("cuda", seed=short, batches=BATCHES)
+    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    ref = reference_chunked(b, **case.features())
+    b = dataclasses.replace(b, kv_cache=nan_poisoned(b.kv_cache))
+    out = torch.full_like(b.q, float("nan"))
+    _attention(b, case, pa_mod.paged_attention, out)
+    torch.cuda.synchronize()
+    assert len(gluon_calls) == 1
+    assert short_launches == {0: [], 8: [(0, 8)], 64: [(0, 8), (8, 64)]}[short]
+    n = b.num_real_tokens
+    assert not out.isnan().any()
+    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[BF16]
+    assert torch.all(out[n:] == 0)
+
+
+@gpu
+@needs_sm90
 def test_gpu_gluon_prefill_compiled_and_graphed(gluon_calls):
     """The triton_op path under torch.compile(fullgraph=True) reaches the kernel through an opaque op,
     and a captured CUDA graph replays it."""
@@ -158,6 +192,7 @@ def test_gpu_gluon_takes_only_what_it_supports():
     assert gp.supported(q, cache, q, **static)
     refused = {
         "decode bucket": dict(static, max_query_len=1),
+        "short sequences only": dict(static, max_query_len=gp.SHORT_QUERY_LEN),
         "window": dict(static, sliding_window=64),
         "soft-cap": dict(static, logits_soft_cap=30.0),
         "alibi": dict(static, alibi_slopes=torch.ones(32, device="cuda")),

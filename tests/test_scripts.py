@@ -161,3 +161,15 @@ def test_gluon_prefill_probe_kernels_build_for_sm90(variant):
     assert compiled.asm["cubin"] and "wgmma.mma_async" in compiled.asm["ptx"]
     for setting in probe.AB_SETTINGS.values():
         assert all(hasattr(gluon_prefill, name) for name in setting), setting
+
+
+@pytest.mark.parametrize("variant", ["n128_s2", "n64_s4 loads only"])
+def test_gluon_decode_probe_kernels_build_for_sm90(variant):
+    """The streamed Gluon decode probe (GPU only) builds for sm_90 with this Triton, within the
+    H100's shared memory; its load-only variant issues no tensor-core work."""
+    pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs Gluon's Hopper API")
+    import gluon_decode_probe as probe
+
+    compiled = probe.compile_sm90(variant)
+    assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024
+    assert ("wgmma.mma_async" in compiled.asm["ptx"]) == probe.VARIANTS[variant].get("compute", True)

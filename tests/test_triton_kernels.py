@@ -284,6 +284,38 @@ def test_paged_attention(interpreter, name):
     check_attention_case(ATTENTION_CASES[name])
 
 
+@pytest.mark.parametrize("short_range", [(0, 3), (1, 4), (0, 1)])
+@pytest.mark.parametrize("name", ["mixed_mha_d64", "mixed_fp8_fp16"])
+def test_paged_attention_short_sequences_only(interpreter, name, short_range):
+    """``SHORT_MIN``/``SHORT_MAX``, the launches that follow the Gluon prefill kernel on sm_90: one
+    writes the rows of the sequences of ``SHORT_MIN < q_len <= SHORT_MAX`` new tokens (of 6, 1, 3, 4
+    here) and nothing else, neither the other sequences' rows nor the padding's, from a grid of
+    ``cdiv(SHORT_MAX, BLOCK_Q)`` blocks a sequence."""
+    case = ATTENTION_CASES[name]
+    b = case.make("cpu", 0, BATCHES)
+    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    ref = _attention(b, case, pa_mod.paged_attention_reference, None)
+    m = b.meta
+    out = torch.full_like(b.q, float("nan"))
+    lo, hi = short_range
+    attn, reduce = pa_mod._launch_plan(
+        b.q, b.kv_cache, m.query_start_loc, m.seq_lens, m.block_table, out, max_query_len=hi, alibi_slopes=None,
+        k_scale=b.k_scale, v_scale=b.v_scale, num_splits=None, tile_n=None, short_range=short_range,
+        **case.features())
+    grid, _, constexprs = attn
+    assert reduce is None and (constexprs["SHORT_MIN"], constexprs["SHORT_MAX"]) == short_range
+    assert grid[0] * grid[1] == m.num_seqs * -(-hi // constexprs["BLOCK_Q"]) * case.kv_heads
+    with pa_mod._jit.launching(vars(pa_mod)):
+        pa_mod.launch_planned(pa_mod._paged_attention_kernel, attn, reduce)
+    starts = m.query_start_loc.tolist()
+    served = torch.zeros(b.q.shape[0], dtype=torch.bool)
+    for s in range(len(starts) - 1):
+        served[starts[s]:starts[s + 1]] = lo < starts[s + 1] - starts[s] <= hi
+    assert served.any()
+    assert rel_error(out[served], ref[served]) <= TOLERANCE[case.dtype]
+    assert out[~served].isnan().all(), "the other sequences' rows and the padding rows are other launches'"
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("name", ["decode_split3_gqa4_d96", "decode_split2_window", "decode_split7_gqa4_fp32",
                                   "spec_decode_split2_gqa4"])

@@ -126,7 +126,7 @@ def paged_attention_launch(*, decode: bool, fp8: bool = False, head_size: int = 
                     block_m=block_m, tile_n=tile_n, num_splits=splits,
                     fused_reduce=pa.fuse_split_merge(splits, block_m, "paged_attention"), max_context=max_context,
                     max_query_len=max_query_len, fp8=fp8, int32_offsets=int32_offsets),
-        BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST)
+        BLOCK_Q=block_q, LONGEST_FIRST=pa.LONGEST_FIRST, SHORT_MIN=0, SHORT_MAX=0)
     return Launch(pa._paged_attention_kernel, constexprs, "*fp8e4nv" if fp8 else "*bf16", warps, stages)
 
 

@@ -16,10 +16,10 @@ query block of sequence ``s``; items run the blocks last to first, the heads of 
 consecutive). The new tokens' K/V must already be in the cache; tiles below the causal diagonal run
 unmasked. Padding tokens (``>= query_start_loc[-1]``) get zeros.
 
-A step's short sequences (the decodes a chunked-prefill step carries) cost an item a query head,
-each a whole 128-row tile over their context; the Triton kernel packs the query heads of a KV head
-into its tiles instead. Not measured: ``COMPILED_ATTN_GLUON_PREFILL=0`` keeps every step on the
-Triton kernel.
+A step's short sequences (the decodes and speculative tokens a chunked-prefill step carries, any of
+at most ``SHORT_QUERY_LEN`` new tokens) are skipped here and served by the Triton kernel in a second
+launch (``paged_attention``): here each would cost an item a query head, a whole 128-row tile over
+its context, where the Triton kernel packs the query heads of a KV head into one tile.
 
 Scope (:func:`supported`): CUDA sm_90 with a Triton whose Gluon has the Hopper API, fp16/bf16 q and
 cache, head size 64 or 128, token-major contiguous cache pages, causal attention with no window,
@@ -70,6 +70,12 @@ PERSISTENT_PROGRAMS_PER_SM = 1
 # 8x2048 589 -> 578 us, 1x16384 3,902 -> 3,812, prefix 2,226 -> 2,204 (H100, two rounds,
 # benchmarks/gluon_prefill_ab2_h100.json).
 TMA_STORE = True
+# Sequences of at most this many new tokens take the Triton kernel (0: every sequence here). At 64 or
+# fewer its tiles hold all of a KV head's query heads (64 tokens x 4 heads), so it reads each K/V tile
+# once a KV head where this kernel reads it once a query head. A 2048-token chunk over 8192 cached
+# with 64 decodes of 4096: 1,505 us with every sequence here, 1,063 us all in the Triton kernel; 512
+# tokens with 128 decodes of 2048: 1,008 against 417 (H100, benchmarks/gluon_prefill_mixed_ab_h100.json).
+SHORT_QUERY_LEN = 64
 LOG2E = 1.4426950408889634
 
 
@@ -82,6 +88,8 @@ def unsupported_reason(q, kv_cache, out, *, sliding_window, logits_soft_cap, ali
         return "needs an sm_90 GPU"
     if max_query_len <= split_max_query_len or (num_splits or 1) != 1:
         return "decode-shaped step"
+    if max_query_len <= SHORT_QUERY_LEN:
+        return f"no sequence over {SHORT_QUERY_LEN} new tokens (those take the Triton kernel)"
     if sliding_window or logits_soft_cap or alibi_slopes is not None:
         return "window, soft-cap and ALiBi take the Triton kernel"
     num_heads, head_size = q.shape[1], q.shape[2]
@@ -152,10 +160,10 @@ if gluon is not None:
 
     @gluon.jit
     def _work_item(item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H: gl.constexpr,
-                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+                   BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr):
         """Work item ``item`` (query blocks last to first, the heads of a block consecutive): whether
-        it holds queries, its head, sequence, first token, rows, first query position, key tiles
-        and mask-free tiles."""
+        it holds queries of a sequence of over ``SHORT_QUERY_LEN`` new tokens, its head, sequence,
+        first token, rows, first query position, key tiles and mask-free tiles."""
         head = item % H
         q_block = num_q_blocks - 1 - item // H
         seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_M)
@@ -168,13 +176,14 @@ if gluon is not None:
         key_end = first_pos + gl.minimum(rows, BLOCK_M)  # its last query's position + 1
         n_tiles = gl.cdiv(key_end, BLOCK_N)
         n_full = (first_pos + 1) // BLOCK_N
-        return rows > 0, head, seq, q_start + local * BLOCK_M, rows, first_pos, seq_len, n_tiles, n_full
+        valid = (rows > 0) & (q_len > SHORT_QUERY_LEN)
+        return valid, head, seq, q_start + local * BLOCK_M, rows, first_pos, seq_len, n_tiles, n_full
 
     @gluon.jit
     def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                   v_empty, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
                   s_oh, H: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  STAGES: gl.constexpr, TMA_STORE: gl.constexpr):
+                  STAGES: gl.constexpr, TMA_STORE: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr):
         """One warpgroup's ``BLOCK_M // 2`` rows of each of the program's work items, against key
         tiles ``[0, n_tiles)``; tiles from ``n_full`` on reach past the block's first query and are
         masked. The first tile holds key 0, which every row sees, so no row max stays -inf."""
@@ -193,7 +202,8 @@ if gluon is not None:
         done = 0  # items done (the query tile's phase)
         for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
             valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
-                item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N)
+                item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N,
+                SHORT_QUERY_LEN)
             if valid:
                 q_pos = first_pos + wg * HALF + gl.arange(0, HALF, layout=row_layout)
                 m_i = gl.full([HALF], float("-inf"), gl.float32, layout=row_layout)
@@ -293,7 +303,7 @@ if gluon is not None:
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                   v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs, num_q_blocks, s_bt,
                   H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr):
+                  BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr):
         """One warp: for each work item its query tile (once the consumers are done with the last
         one), then each K and V tile into a ring slot both consumers freed. A fresh barrier's
         previous phase counts as complete, hence the ``^ 1`` on the waits for free slots."""
@@ -303,7 +313,8 @@ if gluon is not None:
         tails = 0
         for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
             valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
-                item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N)
+                item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N,
+                SHORT_QUERY_LEN)
             if valid:
                 bt_row_ptr = block_table_ptr + seq.to(gl.int64) * s_bt
                 kv_col = (head // (H // KVH)) * D
@@ -341,7 +352,8 @@ if gluon is not None:
     def _prefill_kernel(q_desc, k_desc, v_desc, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
                         num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
                         D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                        STAGES: gl.constexpr, TMA_STORE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                        STAGES: gl.constexpr, TMA_STORE: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr,
+                        PRODUCER_REGS: gl.constexpr,
                         CONSUMER_REGS: gl.constexpr):
         """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
         persistent programs)."""
@@ -381,13 +393,13 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (WG0, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
-                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE)),
+                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
             (_consumer, (WG1, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
-                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE)),
+                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
-                         num_q_blocks, s_bt, H, KVH, D, BLOCK_M, BLOCK_N, PAGE, STAGES)),
+                         num_q_blocks, s_bt, H, KVH, D, BLOCK_M, BLOCK_N, PAGE, STAGES, SHORT_QUERY_LEN)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -419,14 +431,15 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     args = (q_desc, k_desc, v_desc, o_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
             scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
     constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
-                      STAGES=STAGES, TMA_STORE=tma_store, PRODUCER_REGS=PRODUCER_REGS,
-                      CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
+                      STAGES=STAGES, TMA_STORE=tma_store, SHORT_QUERY_LEN=SHORT_QUERY_LEN,
+                      PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return grid, args, constexprs
 
 
 def prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float) -> torch.Tensor:
     """``paged_attention`` for a step :func:`supported` accepts (the caller checked it, and the
-    arguments): writes ``out``."""
+    arguments): writes ``out``'s rows of sequences of over ``SHORT_QUERY_LEN`` new tokens, and the
+    padding rows' zeros."""
     grid, args, constexprs = launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
     _prefill_kernel[grid](*args, **constexprs)
     return out

@@ -502,7 +502,11 @@ def _paged_attention_kernel(
     USE_SOFTCAP: tl.constexpr, IS_FP8: tl.constexpr, DOT_FP32: tl.constexpr, FP8_DOT_FP16: tl.constexpr,
     MERGE_CHUNK: tl.constexpr, LONGEST_FIRST: tl.constexpr, ONE_KEY_LOOP: tl.constexpr, USE_GDC: tl.constexpr,
     EARLY_LAUNCH_NEXT: tl.constexpr, HEADS_FIRST: tl.constexpr, INT32_OFFSETS: tl.constexpr,
+    SHORT_MIN: tl.constexpr, SHORT_MAX: tl.constexpr,
 ):
+    """``SHORT_MAX`` > 0: only the sequences of ``SHORT_MIN < q_len <= SHORT_MAX`` new tokens, and
+    no padding rows (the Gluon prefill kernel's launch writes the rest); row block ``b`` is then
+    block ``b % cdiv(SHORT_MAX, BLOCK_Q)`` of sequence ``b // cdiv(SHORT_MAX, BLOCK_Q)``."""
     _wait_for_previous_kernel(USE_GDC, EARLY_LAUNCH_NEXT)
     q_block, kvh, num_q_blocks = _program_tile(NUM_HEADS // G, HEADS_FIRST)
     if LONGEST_FIRST:  # a sequence's last query blocks see the most keys: start them first (less tail)
@@ -513,7 +517,7 @@ def _paged_attention_kernel(
     head = kvh * G + offs_m % G
     in_tile = offs_m < BLOCK_Q * G
 
-    if (NUM_SPLITS == 1) or FUSED_REDUCE:  # else the reduction launch writes the padding rows
+    if ((NUM_SPLITS == 1) or FUSED_REDUCE) and SHORT_MAX == 0:  # else the reduction launch writes them
         # Padding tokens (>= query_start_loc[-1]) belong to no query block: the programs whose
         # token range [q_block * BLOCK_Q, +BLOCK_Q) holds them write their zeros (a branch: the
         # store's addresses cost every other program instructions).
@@ -527,10 +531,19 @@ def _paged_attention_kernel(
             zeros = tl.zeros([BLOCK_M, HEAD_PAD], dtype=out_ptr.dtype.element_ty)
             tl.store(dst, zeros, mask=pad[:, None] & (offs_d < HEAD)[None, :])
 
-    seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    local = q_block - (q_start // BLOCK_Q + seq)  # this program's query block within the sequence
+    if SHORT_MAX > 0:  # a fixed number of blocks a sequence: no search
+        SEQ_BLOCKS: tl.constexpr = (SHORT_MAX + BLOCK_Q - 1) // BLOCK_Q
+        seq = q_block // SEQ_BLOCKS
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        local = q_block % SEQ_BLOCKS
+        if (q_len <= SHORT_MIN) | (q_len > SHORT_MAX):
+            return
+    else:
+        seq = _find_seq(query_start_loc_ptr, num_seqs, q_block, BLOCK_Q)
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        local = q_block - (q_start // BLOCK_Q + seq)  # this program's query block within the sequence
     if local * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -886,9 +899,14 @@ def split_workspace(q, out, query_start_loc, seq_lens, *, num_splits: int, num_r
 
 
 def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, max_query_len, scale,
-                 sliding_window, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n):
-    """Grids, arguments and scratch buffers of the attention (+ reduction) launches."""
+                 sliding_window, logits_soft_cap, alibi_slopes, k_scale, v_scale, num_splits, tile_n,
+                 short_range: tuple[int, int] = (0, 0)):
+    """Grids, arguments and scratch buffers of the attention (+ reduction) launches.
+    ``short_range``: the kernel's ``(SHORT_MIN, SHORT_MAX)`` (then one split: a reduction launch
+    would write every row)."""
     check_scale(scale)
+    if short_range[1]:
+        num_splits = 1
     num_tokens, num_heads, head_size = q.shape
     _, _, block_size, kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -899,6 +917,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
         num_queries_per_kv=group, head_size=head_size, max_query_len=max_query_len, interpret=interpret,
         fp8=fp8, hopper=compute_capability(q.device) >= (9, 0))
     num_q_blocks = num_tokens // block_q + num_seqs
+    if short_range[1]:
+        num_q_blocks = num_seqs * math.ceil(short_range[1] / block_q)
     max_context = block_table.shape[1] * block_size
     if not num_splits:
         busy_blocks = num_seqs * max(1, math.ceil(max_query_len / block_q))
@@ -925,7 +945,8 @@ def _launch_plan(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, ma
             dot_fp32=interpret or q.dtype == torch.float32, window=bool(sliding_window),
             int32_offsets=offsets_fit_int32(kv_cache),
             alibi=alibi_slopes is not None, softcap=bool(logits_soft_cap)),
-        BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, num_warps=num_warps, num_stages=num_stages, **launch,
+        BLOCK_Q=block_q, LONGEST_FIRST=LONGEST_FIRST, SHORT_MIN=short_range[0], SHORT_MAX=short_range[1],
+        num_warps=num_warps, num_stages=num_stages, **launch,
     )
     attn_grid = attention_grid(num_q_blocks, kv_heads, num_splits, attn_constexprs["HEADS_FIRST"])
     return (attn_grid, attn_args, attn_constexprs), reduce_launch
@@ -949,6 +970,21 @@ def _takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits
         q, kv_cache, out, max_query_len=max_query_len, sliding_window=sliding_window,
         logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, num_splits=num_splits,
         split_max_query_len=SPLIT_MAX_QUERY_LEN)
+
+
+def _short_seqs_plans(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale, k_scale, v_scale) -> list:
+    """The Triton launches that follow a Gluon prefill launch: the sequences of at most
+    ``gluon_prefill.SHORT_QUERY_LEN`` new tokens, which that kernel skips, in two query-length
+    ranges planned as buckets of their bounds: decodes and speculative tokens (up to
+    ``SPLIT_MAX_QUERY_LEN``) in the decode kernel's small tiles, the longer ones in whole prefill
+    tiles. Each launch is a few programs a sequence (its grid does not grow with the step's tokens):
+    nearly free where the step has no such sequence."""
+    short = gluon_prefill.SHORT_QUERY_LEN
+    bounds = sorted({0, min(short, SPLIT_MAX_QUERY_LEN), short})
+    return [_launch_plan(
+        q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=hi, scale=scale, sliding_window=None,
+        logits_soft_cap=None, alibi_slopes=None, k_scale=k_scale, v_scale=v_scale, num_splits=1, tile_n=None,
+        short_range=(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
 
 
 def paged_attention(
@@ -978,7 +1014,7 @@ def paged_attention(
     Padding tokens (index >= ``query_start_loc[-1]``) get zeros. ``num_splits``/``tile_n``
     override the static heuristics (tests, benchmarks; ``tile_n`` also keeps the step on this
     kernel). No host synchronisation. On sm_90, prefill-shaped steps in :mod:`.gluon_prefill`'s
-    scope run that kernel instead.
+    scope run that kernel instead, and this one for their short sequences only.
 
     Equivalent PyTorch code: :func:`paged_attention_reference`.
 
@@ -996,7 +1032,12 @@ def paged_attention(
     if tile_n is None and _takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits_soft_cap,
                                                alibi_slopes, num_splits):
         check_scale(scale)
-        return gluon_prefill.prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
+        gluon_prefill.prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
+        with _jit.launching(globals()):
+            for attn, reduce in _short_seqs_plans(q, kv_cache, query_start_loc, seq_lens, block_table, out,
+                                                  scale=scale, k_scale=k_scale, v_scale=v_scale):
+                launch_planned(_paged_attention_kernel, attn, reduce)
+        return out
     attn, reduce = _launch_plan(
         q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=max_query_len, scale=scale,
         sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes,
@@ -1081,6 +1122,10 @@ def triton_paged_attention(
         check_scale(scale)
         torch.ops.compiled_attn._gluon_prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out,
                                                           scale)
+        _jit.refresh(globals())
+        for attn, reduce in _short_seqs_plans(q, kv_cache, query_start_loc, seq_lens, block_table, out,
+                                              scale=scale, k_scale=k_scale, v_scale=v_scale):
+            launch_planned(_paged_attention_kernel, attn, reduce, torch.library.wrap_triton)
         return
     _jit.refresh(globals())
     attn, reduce = _launch_plan(
