@@ -363,14 +363,16 @@ AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
 
 
 # gluon_prefill's module constants, by setting (the first is the one the others are checked against).
-# Earlier runs' settings (one program an item against persistent, benchmarks/gluon_prefill_ab_h100.json;
-# TMA store and a ping-pong between the consumers since removed, gluon_prefill_ab2_h100.json; every
-# sequence in the Gluon kernel, gluon_prefill_mixed_ab_h100.json) name switches of those commits.
+# Earlier runs' settings name switches of those commits: one program an item against persistent
+# (benchmarks/gluon_prefill_ab_h100.json); TMA store and a ping-pong between the consumers since
+# removed (gluon_prefill_ab2_h100.json); every sequence in the Gluon kernel
+# (gluon_prefill_mixed_ab_h100.json); one Triton launch of the short sequences, also at 128
+# (gluon_prefill_short_ab_h100.json); programmatic dependent launch of the Gluon kernel and the short
+# launches, not kept (gluon_prefill_pdl_ab_h100.json).
 AB_SETTINGS = {
     "short sequences to Triton (64)": dict(SHORT_QUERY_LEN=64),
     "every sequence in Gluon": dict(SHORT_QUERY_LEN=0),
     "short sequences to Triton (8)": dict(SHORT_QUERY_LEN=8),
-    "short sequences to Triton (128)": dict(SHORT_QUERY_LEN=128),
 }
 
 
