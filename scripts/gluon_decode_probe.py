@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from compiled_attn.kernels.gluon_prefill import _load_tile as _load_token_major_tile
 from compiled_attn.kernels.gluon_prefill import _zero_tail_rows
 
 LOG2E = 1.4426950408889634
@@ -76,19 +77,19 @@ def _segment(t, end, cu_tiles_ptr, seq_lens_ptr, num_seqs, KVH: gl.constexpr):
 def _load_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kvh, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
                KVH: gl.constexpr, HEAD_MAJOR: gl.constexpr):
     """Keys ``[key0, key0 + BLOCK_N)`` of KV head ``kvh`` into ``smem``, one copy a page; keys past the
-    sequence read page 0. Token-major pages are rows ``[blocks * PAGE, KVH * D]``, head-major ones
-    ``[blocks * KVH * PAGE, D]``."""
+    sequence read page 0. Token-major pages are rows ``[blocks * PAGE, KVH * D]`` (the package's
+    loader), head-major ones ``[blocks * KVH * PAGE, D]``."""
     BOX: gl.constexpr = desc.block_type.shape[0]
     D: gl.constexpr = desc.block_type.shape[1]
-    mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
-    for i in gl.static_range(BLOCK_N // BOX):
-        key = key0 + i * BOX
-        page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-        if HEAD_MAJOR:
+    if HEAD_MAJOR:
+        mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
+        for i in gl.static_range(BLOCK_N // BOX):
+            key = key0 + i * BOX
+            page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
             tma.async_copy_global_to_shared(desc, [(page * KVH + kvh) * PAGE + key % PAGE, 0], bar,
                                             smem.slice(i * BOX, BOX))
-        else:
-            tma.async_copy_global_to_shared(desc, [page * PAGE + key % PAGE, kvh * D], bar, smem.slice(i * BOX, BOX))
+    else:
+        _load_token_major_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kvh * D, BLOCK_N, PAGE)
 
 
 @gluon.jit

@@ -69,24 +69,29 @@ def gluon_calls(monkeypatch):
     return calls
 
 
-@gpu
-@needs_sm90
-@pytest.mark.parametrize("name", list(CASES))
-def test_gpu_gluon_prefill(gluon_calls, name):
-    batch_name, case = CASES[name]
-    case = dataclasses.replace(case, batch=batch_name)
-    b = case.make("cuda", seed=len(name), batches=BATCHES)
+def check_poisoned_step(case: Case, seed: int) -> None:
+    """One step of ``paged_attention`` over a NaN-poisoned cache into a NaN-filled output, against
+    the reference."""
+    b = case.make("cuda", seed=seed, batches=BATCHES)
     sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
     ref = reference_chunked(b, **case.features())
     b = dataclasses.replace(b, kv_cache=nan_poisoned(b.kv_cache))
     out = torch.full_like(b.q, float("nan"))
     _attention(b, case, pa_mod.paged_attention, out)
     torch.cuda.synchronize()
-    assert len(gluon_calls) == 1, "the Gluon kernel must serve this step"
     n = b.num_real_tokens
     assert not out.isnan().any(), "every row must be written, and no poisoned slot may reach a sum"
     assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
     assert torch.all(out[n:] == 0), "padding tokens must produce zeros"
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("name", list(CASES))
+def test_gpu_gluon_prefill(gluon_calls, name):
+    batch_name, case = CASES[name]
+    check_poisoned_step(dataclasses.replace(case, batch=batch_name), seed=len(name))
+    assert len(gluon_calls) == 1, "the Gluon kernel must serve this step"
 
 
 @gpu
@@ -126,20 +131,9 @@ def test_gpu_gluon_leaves_short_sequences_to_triton(gluon_calls, monkeypatch, ba
         return plan(*args, **kwargs)
 
     monkeypatch.setattr(pa_mod, "_launch_plan", spied)
-    case = Case(batch, 32, 8, 128, 16, BF16, max_query_len=max(BATCHES[batch][0]))
-    b = case.make("cuda", seed=short, batches=BATCHES)
-    sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
-    ref = reference_chunked(b, **case.features())
-    b = dataclasses.replace(b, kv_cache=nan_poisoned(b.kv_cache))
-    out = torch.full_like(b.q, float("nan"))
-    _attention(b, case, pa_mod.paged_attention, out)
-    torch.cuda.synchronize()
+    check_poisoned_step(Case(batch, 32, 8, 128, 16, BF16, max_query_len=max(BATCHES[batch][0])), seed=short)
     assert len(gluon_calls) == 1
     assert short_launches == {0: [], 8: [(0, 8)], 64: [(0, 8), (8, 64)]}[short]
-    n = b.num_real_tokens
-    assert not out.isnan().any()
-    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[BF16]
-    assert torch.all(out[n:] == 0)
 
 
 @gpu

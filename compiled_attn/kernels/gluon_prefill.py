@@ -17,9 +17,10 @@ consecutive). The new tokens' K/V must already be in the cache; tiles below the 
 unmasked. Padding tokens (``>= query_start_loc[-1]``) get zeros.
 
 A step's short sequences (the decodes and speculative tokens a chunked-prefill step carries, any of
-at most ``SHORT_QUERY_LEN`` new tokens) are skipped here and served by the Triton kernel in a second
-launch (``paged_attention``): here each would cost an item a query head, a whole 128-row tile over
-its context, where the Triton kernel packs the query heads of a KV head into one tile.
+at most ``SHORT_QUERY_LEN`` new tokens) are skipped here and served by the Triton kernel in launches
+of their own after this one (``paged_attention``): here each would cost an item a query head, a
+whole 128-row tile over its context, where the Triton kernel packs the query heads of a KV head into
+one tile.
 
 Scope (:func:`supported`): CUDA sm_90 with a Triton whose Gluon has the Hopper API, fp16/bf16 q and
 cache, head size 64 or 128, token-major contiguous cache pages, causal attention with no window,
@@ -72,9 +73,11 @@ PERSISTENT_PROGRAMS_PER_SM = 1
 TMA_STORE = True
 # Sequences of at most this many new tokens take the Triton kernel (0: every sequence here). At 64 or
 # fewer its tiles hold all of a KV head's query heads (64 tokens x 4 heads), so it reads each K/V tile
-# once a KV head where this kernel reads it once a query head. A 2048-token chunk over 8192 cached
-# with 64 decodes of 4096: 1,505 us with every sequence here, 1,063 us all in the Triton kernel; 512
-# tokens with 128 decodes of 2048: 1,008 against 417 (H100, benchmarks/gluon_prefill_mixed_ab_h100.json).
+# once a KV head where this kernel reads it once a query head. H100, kernel alone, every sequence
+# here -> 64 (benchmarks/gluon_prefill_short2_ab_h100.json): a 2048-token chunk over 8192 cached with
+# 64 decodes of 4096 1,553-1,564 -> 932-940 us (the Triton kernel alone 1,067-1,076); 512 tokens with
+# 128 decodes of 2048 1,039-1,043 -> 427-430 (419-420); 32 chunks of 64 over 4096 634-637 -> 363-364;
+# steps without short sequences pay for the two empty launches, 8x2048 585-592 -> 590-595.
 SHORT_QUERY_LEN = 64
 LOG2E = 1.4426950408889634
 
@@ -353,8 +356,7 @@ if gluon is not None:
                         num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
                         D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
                         STAGES: gl.constexpr, TMA_STORE: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr,
-                        PRODUCER_REGS: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr):
+                        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
         persistent programs)."""
         num_q_blocks = num_tokens // BLOCK_M + num_seqs
