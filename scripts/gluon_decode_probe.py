@@ -134,11 +134,13 @@ def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty
 def _consumer(q_ptr, out_ptr, part_o_ptr, part_ml_ptr, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
               cu_tiles_ptr, seq_lens_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot, G: gl.constexpr,
               KVH: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-              COMPUTE: gl.constexpr):
+              COMPUTE: gl.constexpr, PAGE_KVH: gl.constexpr):
     """One warpgroup: each run of tiles' attention for the G query heads of its KV head; a whole
     pair's result into ``out``, a part's (unnormalised, with its row max and sum) into the workspace
     slot of the program's first run (0) or a later one (1). ``COMPUTE`` False: the tiles are only
-    waited for and released (what the loads alone take; the output is not written)."""
+    waited for and released (what the loads alone take; the output is not written). ``PAGE_KVH`` > 0:
+    tiles are whole token-major pages, their rows ``PAGE_KVH`` KV heads interleaved, and the G query
+    heads are all of the sequence's (the KV head a row of rows' loop is 0)."""
     dtype: gl.constexpr = q_smem.dtype
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 16])
@@ -174,7 +176,12 @@ def _consumer(q_ptr, out_ptr, part_o_ptr, part_ml_ptr, q_smem, k_smem, v_smem, k
                                   is_async=True)
                 s = warpgroup_mma_wait(0, deps=(s, ))
                 mbarrier.arrive(k_empty.index(stage))
-                if (j + 1) * BLOCK_N > seq_len:
+                if PAGE_KVH > 0:  # whole pages: each query head sees its own KV head's rows
+                    keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                    q_heads = gl.arange(0, M, layout=row_layout)
+                    own = gl.expand_dims(keys % PAGE_KVH, 0) == gl.expand_dims(q_heads // (G // PAGE_KVH), 1)
+                    s = gl.where(own & gl.expand_dims(keys < seq_len, 0), s, float("-inf"))
+                elif (j + 1) * BLOCK_N > seq_len:
                     keys = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                     s = gl.where(gl.expand_dims(keys < seq_len, 0), s, float("-inf"))
                 m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
@@ -214,7 +221,7 @@ def _decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr, cu_t
                    block_table_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot, s_bt, G: gl.constexpr,
                    KVH: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
                    STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr, COMPUTE: gl.constexpr,
-                   PRODUCER_REGS: gl.constexpr):
+                   PAGE_KVH: gl.constexpr, PRODUCER_REGS: gl.constexpr):
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, D], k_desc.dtype)
     q_smem = gl.allocate_shared_memory(k_desc.dtype, [M, D], q_layout)
     k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
@@ -233,7 +240,7 @@ def _decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr, cu_t
     gl.warp_specialize([
         (_consumer, (q_ptr, out_ptr, part_o_ptr, part_ml_ptr, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
                      v_empty, cu_tiles_ptr, seq_lens_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot, G, KVH, D,
-                     BLOCK_N, STAGES, COMPUTE)),
+                     BLOCK_N, STAGES, COMPUTE, PAGE_KVH)),
         (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, tail_bar, cu_tiles_ptr,
                      seq_lens_ptr, block_table_ptr, num_seqs, total_tiles, s_bt, KVH, D, BLOCK_N, PAGE, STAGES,
                      HEAD_MAJOR)),
@@ -288,6 +295,8 @@ VARIANTS = {
     # A token-major page holds every KV head's rows of its tokens, 32 KB in one piece at the
     # benchmark's shape: read whole, one copy a page, as a kernel serving all the heads of a
     # sequence would read it (its tiles are pages; loads only).
+    "whole pages s2": dict(block_n=128, stages=2, whole_pages=True),
+    "whole pages s3": dict(block_n=128, stages=3, whole_pages=True),
     "whole pages s2 loads only": dict(block_n=128, stages=2, compute=False, whole_pages=True),
     "whole pages s3 loads only": dict(block_n=128, stages=3, compute=False, whole_pages=True),
 }
@@ -308,8 +317,9 @@ class GluonDecode:
                  whole_pages: bool = False):
         num_seqs, heads, d = q.shape
         _, blocks, page, kvh, _ = kv_cache.shape
+        page_kvh = kvh if whole_pages else 0
         if whole_pages:  # one "KV head" of page * kvh rows a page, as many rows a sequence
-            assert not compute and page * kvh == block_n and kv_cache.is_contiguous(), "token-major pages"
+            assert page * kvh == block_n and kv_cache.is_contiguous(), "token-major pages"
             kv_cache = kv_cache.view(2, blocks, page * kvh, 1, d)
             seq_lens_cpu = [n * kvh for n in seq_lens_cpu]
             page, kvh = page * kvh, 1
@@ -341,7 +351,7 @@ class GluonDecode:
         self.args = (q, k_desc, v_desc, out, self.part_o, self.part_ml, self.cu_tiles, self.seq_lens, block_table,
                      num_seqs, self.total, d ** -0.5 * LOG2E, q.stride(0), out.stride(0), block_table.stride(0))
         self.constexprs = dict(G=g, KVH=kvh, D=d, BLOCK_N=block_n, PAGE=page, STAGES=stages, HEAD_MAJOR=head_major,
-                               COMPUTE=compute, PRODUCER_REGS=producer_regs, num_warps=4)
+                               COMPUTE=compute, PAGE_KVH=page_kvh, PRODUCER_REGS=producer_regs, num_warps=4)
         self.merge_args = (self.part_o, self.part_ml, out, self.cu_tiles, self.total, self.programs, out.stride(0))
         self.merge_grid = (num_seqs * kvh,)
         self.merge_constexprs = dict(KVH=kvh, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, num_warps=4)
@@ -375,7 +385,10 @@ def compile_sm90(name: str = "n128_s2", page: int = 16):
     parts = torch.empty(8, 128, dtype=torch.float32)
     args = (q, *descs, torch.empty_like(q), parts, parts, ints, ints, table, 4, 64, 0.1, 32 * 128, 32 * 128, 16)
     constexprs = dict(G=4, KVH=8, D=128, BLOCK_N=variant["block_n"], PAGE=page, STAGES=variant["stages"],
-                      HEAD_MAJOR=False, COMPUTE=variant.get("compute", True), PRODUCER_REGS=40, num_warps=4)
+                      HEAD_MAJOR=False, COMPUTE=variant.get("compute", True), PAGE_KVH=0, PRODUCER_REGS=40,
+                      num_warps=4)
+    if variant.get("whole_pages"):  # as GluonDecode sees the cache: one head of pages of page * 8 rows
+        constexprs.update(G=32, KVH=1, PAGE=page * 8, PAGE_KVH=8)
     return _aot.compile_gluon(_decode_kernel, args, constexprs)
 
 

@@ -163,7 +163,7 @@ def test_gluon_prefill_probe_kernels_build_for_sm90(variant):
         assert all(hasattr(gluon_prefill, name) for name in setting), setting
 
 
-@pytest.mark.parametrize("variant", ["n128_s2", "n64_s4 loads only"])
+@pytest.mark.parametrize("variant", ["n128_s2", "n64_s4 loads only", "whole pages s2"])
 def test_gluon_decode_probe_kernels_build_for_sm90(variant):
     """The streamed Gluon decode probe (GPU only) builds for sm_90 with this Triton, within the
     H100's shared memory; its load-only variant issues no tensor-core work."""
