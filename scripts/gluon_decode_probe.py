@@ -38,6 +38,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from compiled_attn.kernels.gluon_prefill import _load_tile as _load_token_major_tile
+from compiled_attn.split_kv import num_sms
 from compiled_attn.kernels.gluon_prefill import _zero_tail_rows
 
 LOG2E = 1.4426950408889634
@@ -330,7 +331,7 @@ class GluonDecode:
         for n in tiles:
             cu.append(cu[-1] + n)
         self.total = cu[-1] * kvh
-        programs = torch.cuda.get_device_properties(q.device).multi_processor_count * programs_per_sm
+        programs = num_sms(q.device) * programs_per_sm
         self.programs = max(1, min(programs, self.total))
         dev = q.device
         self.cu_tiles = torch.tensor(cu, dtype=torch.int32, device=dev)
@@ -370,26 +371,15 @@ class GluonDecode:
 
 
 def compile_sm90(name: str = "n128_s2", page: int = 16):
-    """Variant ``name``'s kernel built for an H100 on this machine (no GPU needed): what the CPU test
-    checks."""
+    """Variant ``name``'s kernel built for an H100 on this machine (no GPU needed), from the launch
+    arguments a step on CPU tensors of the benchmark's head shape plans: what the CPU test checks."""
     from compiled_attn.kernels import _aot
 
-    variant = VARIANTS[name]
     q = torch.empty(4, 32, 128, dtype=torch.bfloat16)
     cache = torch.empty(2, 64, page, 8, 128, dtype=torch.bfloat16)
     table = torch.zeros(4, 16, dtype=torch.int32)
-    layout = gl.NVMMASharedLayout.get_default_for([variant["block_n"], 128], gl.bfloat16)
-    box = min(page, variant["block_n"])
-    descs = [TensorDescriptor(cache[i], [64 * page, 8 * 128], [8 * 128, 1], [box, 128], layout) for i in (0, 1)]
-    ints = torch.empty(5, dtype=torch.int32)
-    parts = torch.empty(8, 128, dtype=torch.float32)
-    args = (q, *descs, torch.empty_like(q), parts, parts, ints, ints, table, 4, 64, 0.1, 32 * 128, 32 * 128, 16)
-    constexprs = dict(G=4, KVH=8, D=128, BLOCK_N=variant["block_n"], PAGE=page, STAGES=variant["stages"],
-                      HEAD_MAJOR=False, COMPUTE=variant.get("compute", True), PAGE_KVH=0, PRODUCER_REGS=40,
-                      num_warps=4)
-    if variant.get("whole_pages"):  # as GluonDecode sees the cache: one head of pages of page * 8 rows
-        constexprs.update(G=32, KVH=1, PAGE=page * 8, PAGE_KVH=8)
-    return _aot.compile_gluon(_decode_kernel, args, constexprs)
+    probe = GluonDecode(q, cache, [4 * page] * 4, table, torch.empty_like(q), **VARIANTS[name])
+    return _aot.compile_gluon(_decode_kernel, probe.args, probe.constexprs)
 
 
 def run(cases: list[str], variants: list[str], layouts: list[str], rounds: int) -> list[dict]:

@@ -983,7 +983,7 @@ def _short_seqs_plans(q, kv_cache, query_start_loc, seq_lens, block_table, out, 
     bounds = sorted({0, min(short, SPLIT_MAX_QUERY_LEN), short})
     return [_launch_plan(
         q, kv_cache, query_start_loc, seq_lens, block_table, out, max_query_len=hi, scale=scale, sliding_window=None,
-        logits_soft_cap=None, alibi_slopes=None, k_scale=k_scale, v_scale=v_scale, num_splits=1, tile_n=None,
+        logits_soft_cap=None, alibi_slopes=None, k_scale=k_scale, v_scale=v_scale, num_splits=None, tile_n=None,
         short_range=(lo, hi)) for lo, hi in zip(bounds, bounds[1:])]
 
 
