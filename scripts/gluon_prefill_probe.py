@@ -370,21 +370,35 @@ AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
 # (gluon_prefill_short_ab_h100.json); programmatic dependent launch of the Gluon kernel and the short
 # launches, not kept (gluon_prefill_pdl_ab_h100.json).
 AB_SETTINGS = {
-    "short sequences to Triton (64)": dict(SHORT_QUERY_LEN=64),
-    "every sequence in Gluon": dict(SHORT_QUERY_LEN=0),
-    "short sequences to Triton (8)": dict(SHORT_QUERY_LEN=8),
+    "as committed": dict(SHORT_QUERY_LEN=64),
 }
 
 
-def run_ab(rounds: int, cases=tuple(AB_CASES)) -> list[dict]:
+def kernel_of(path: str) -> dict:
+    """The launch of another version of gluon_prefill.py (``git show REV:compiled_attn/kernels/
+    gluon_prefill.py > FILE``), as a setting: its ``launch_args`` and ``_prefill_kernel`` stand in
+    for the package's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compiled_attn.kernels._gluon_prefill_ab", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(launch_args=module.launch_args, _prefill_kernel=module._prefill_kernel)
+
+
+def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = None) -> list[dict]:
     """The package's paged_attention (pages of 16, shuffled; no store) at the prefill-shaped steps
-    ``cases`` of AB_CASES, graph-replayed, under each of AB_SETTINGS in turn and the Triton kernel,
-    ``rounds`` times, and each output's error against the first setting's."""
+    ``cases`` of AB_CASES, graph-replayed, under each of AB_SETTINGS in turn, the kernels of the
+    files ``against`` names (:func:`kernel_of`) and the Triton kernel, ``rounds`` times, and each
+    output's error against the first setting's."""
     from triton.testing import do_bench_cudagraph
 
     from compiled_attn.kernels import gluon_prefill as gp
     from compiled_attn.kernels.paged_attention import paged_attention
-    settings = {name: dict(ENABLED=True, **setting) for name, setting in AB_SETTINGS.items()}
+    own = dict(launch_args=gp.launch_args, _prefill_kernel=gp._prefill_kernel)
+    settings = {name: dict(ENABLED=True, **own, **setting) for name, setting in AB_SETTINGS.items()}
+    for name, path in (against or {}).items():
+        settings[name] = dict(ENABLED=True, **kernel_of(path))
     settings["triton"] = dict(ENABLED=False)
     rows = []
     for case in cases:
@@ -438,12 +452,15 @@ def main() -> None:
     parser.add_argument("--ab", type=int, metavar="ROUNDS",
                         help="time the package's kernels under each gluon_prefill setting instead")
     parser.add_argument("--ab-cases", default=",".join(AB_CASES), help="the steps --ab times (AB_CASES)")
+    parser.add_argument("--ab-against", nargs=2, action="append", metavar=("NAME", "FILE"), default=[],
+                        help="one more --ab setting: the kernel of another gluon_prefill.py")
     args = parser.parse_args()
     if args.ab:
-        rows = run_ab(args.ab, args.ab_cases.split(","))
+        rows = run_ab(args.ab, args.ab_cases.split(","), dict(args.ab_against))
+        against = "".join(f" --ab-against '{name}' {path}" for name, path in args.ab_against)
         Path(args.json).write_text(json.dumps(dict(
             card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
-            command=f"python scripts/gluon_prefill_probe.py --ab {args.ab} --ab-cases '{args.ab_cases}'",
+            command=f"python scripts/gluon_prefill_probe.py --ab {args.ab} --ab-cases '{args.ab_cases}'{against}",
             rows=rows), indent=1))
         return
     if args.one:

@@ -161,6 +161,8 @@ def test_gluon_prefill_probe_kernels_build_for_sm90(variant):
     assert compiled.asm["cubin"] and "wgmma.mma_async" in compiled.asm["ptx"]
     for setting in probe.AB_SETTINGS.values():
         assert all(hasattr(gluon_prefill, name) for name in setting), setting
+    other = probe.kernel_of(gluon_prefill.__file__)  # another version's kernel, loaded beside the package's
+    assert set(other) == {"launch_args", "_prefill_kernel"} and other["launch_args"] is not gluon_prefill.launch_args
 
 
 @pytest.mark.parametrize("variant", ["n128_s2", "n64_s4 loads only", "whole pages s2"])
