@@ -386,11 +386,11 @@ def kernel_of(path: str) -> dict:
     return dict(launch_args=module.launch_args, _prefill_kernel=module._prefill_kernel)
 
 
-def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = None) -> list[dict]:
+def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = None, head_size: int = D) -> list[dict]:
     """The package's paged_attention (pages of 16, shuffled; no store) at the prefill-shaped steps
     ``cases`` of AB_CASES, graph-replayed, under each of AB_SETTINGS in turn, the kernels of the
     files ``against`` names (:func:`kernel_of`) and the Triton kernel, ``rounds`` times, and each
-    output's error against the first setting's."""
+    output's error against the first setting's; heads of ``head_size``."""
     from triton.testing import do_bench_cudagraph
 
     from compiled_attn.kernels import gluon_prefill as gp
@@ -404,9 +404,10 @@ def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = 
     for case in cases:
         q_lens, seq_lens = AB_CASES[case]
         gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(sum(q_lens), H, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        q = torch.randn(sum(q_lens), H, head_size, device="cuda", dtype=torch.bfloat16, generator=gen)
         pages = [triton.cdiv(n, 16) for n in seq_lens]
-        cache = torch.randn(2, sum(pages), 16, KV_HEADS, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cache = torch.randn(2, sum(pages), 16, KV_HEADS, head_size, device="cuda", dtype=torch.bfloat16,
+                            generator=gen)
         order = torch.randperm(sum(pages), device="cuda", generator=gen).to(torch.int32)
         block_table = torch.zeros(len(pages), max(pages), device="cuda", dtype=torch.int32)
         for i, part in enumerate(order.split(pages)):
@@ -415,7 +416,7 @@ def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = 
         lens = torch.tensor(seq_lens, device="cuda", dtype=torch.int32)
         one = torch.ones((), device="cuda")
         n = max(q_lens)
-        flops = sum(4 * H * D * (q * (c - q) + q * (q + 1) / 2) for q, c in zip(q_lens, seq_lens))
+        flops = sum(4 * H * head_size * (q * (c - q) + q * (q + 1) / 2) for q, c in zip(q_lens, seq_lens))
         outs = {}
         for r in range(rounds):
             for name, setting in settings.items():
@@ -423,11 +424,12 @@ def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = 
                     setattr(gp, key, value)
                 out = torch.full_like(q, float("nan"))
                 fn = lambda: paged_attention(q, cache, query_start_loc, lens, block_table, out, max_query_len=n,
-                                             scale=D ** -0.5, k_scale=one, v_scale=one)
+                                             scale=head_size ** -0.5, k_scale=one, v_scale=one)
                 fn()
                 us = do_bench_cudagraph(fn, rep=300) * 1e3
                 outs[name] = out
-                row = dict(case=case, setting=name, round=r, us=round(us, 1), tflops=round(flops / us / 1e6, 1))
+                row = dict(case=case, head_size=head_size, setting=name, round=r, us=round(us, 1),
+                           tflops=round(flops / us / 1e6, 1))
                 rows.append(row)
                 print("ROW " + json.dumps(row), flush=True)
         ref = outs[next(iter(AB_SETTINGS))].float()
@@ -452,12 +454,14 @@ def main() -> None:
     parser.add_argument("--ab", type=int, metavar="ROUNDS",
                         help="time the package's kernels under each gluon_prefill setting instead")
     parser.add_argument("--ab-cases", default=",".join(AB_CASES), help="the steps --ab times (AB_CASES)")
+    parser.add_argument("--ab-head-size", type=int, default=D, help="the head size --ab times")
     parser.add_argument("--ab-against", nargs=2, action="append", metavar=("NAME", "FILE"), default=[],
                         help="one more --ab setting: the kernel of another gluon_prefill.py")
     args = parser.parse_args()
     if args.ab:
-        rows = run_ab(args.ab, args.ab_cases.split(","), dict(args.ab_against))
+        rows = run_ab(args.ab, args.ab_cases.split(","), dict(args.ab_against), args.ab_head_size)
         against = "".join(f" --ab-against '{name}' {path}" for name, path in args.ab_against)
+        against += f" --ab-head-size {args.ab_head_size}" if args.ab_head_size != D else ""
         Path(args.json).write_text(json.dumps(dict(
             card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
             command=f"python scripts/gluon_prefill_probe.py --ab {args.ab} --ab-cases '{args.ab_cases}'{against}",

@@ -48,6 +48,10 @@ CASES = {
     "prefix_tails_fp16_d64_g4_bs128": ("prefix_tails", Case("", 16, 4, 64, 128, FP16)),
     "prefix_tails_bf16_d128_g2_bs16": ("prefix_tails", Case("", 8, 4, 128, 16, BF16)),
     "chunked_32k_bf16": ("chunked_32k", Case("", 32, 8, 128, 16, BF16)),
+    # head 256: 64-key tiles, outputs stored from registers
+    "varlen_bf16_d256_g4_bs16": ("varlen", Case("", 16, 4, 256, 16, BF16)),
+    "prefix_tails_fp16_d256_g2_bs64": ("prefix_tails", Case("", 8, 4, 256, 64, FP16)),
+    "mixed_small_bf16_d256_bs16": ("mixed_small", Case("", 8, 1, 256, 16, BF16, max_query_len=130)),
     "mixed_small_bf16_bs32": ("mixed_small", Case("", 16, 4, 128, 32, BF16, max_query_len=130)),
     # a prefill bucket of short sequences only: the Gluon launch skips them all, the Triton one serves them
     "mixed_256_bf16": ("mixed_256", Case("", 32, 8, 128, 16, BF16, max_query_len=130)),
@@ -96,11 +100,12 @@ def test_gpu_gluon_prefill(gluon_calls, name):
 
 @gpu
 @needs_sm90
+@pytest.mark.parametrize("head_size", [128, 256])
 @pytest.mark.parametrize("batch", [([2048] * 8, [2048] * 8), ([2048] * 4, [10240] * 4)], ids=["8x2048", "prefix"])
-def test_gpu_gluon_matches_triton_at_benchmark_shapes(gluon_calls, monkeypatch, batch):
-    b = make_paged(*batch, heads=32, kv_heads=8, head_size=128, block_size=16, dtype=BF16, device="cuda")
+def test_gpu_gluon_matches_triton_at_benchmark_shapes(gluon_calls, monkeypatch, batch, head_size):
+    b = make_paged(*batch, heads=32, kv_heads=8, head_size=head_size, block_size=16, dtype=BF16, device="cuda")
     sk_mod.store_kv_reference(b.k, b.v, b.kv_cache, b.meta.slot_mapping, b.k_scale, b.v_scale)
-    case = Case("", 32, 8, 128, 16, BF16)
+    case = Case("", 32, 8, head_size, 16, BF16)
     out = torch.full_like(b.q, float("nan"))
     _attention(b, case, pa_mod.paged_attention, out)
     monkeypatch.setattr(gp, "ENABLED", False)

@@ -23,7 +23,7 @@ whole 128-row tile over its context, where the Triton kernel packs the query hea
 one tile.
 
 Scope (:func:`supported`): CUDA sm_90 with a Triton whose Gluon has the Hopper API, fp16/bf16 q and
-cache, head size 64 or 128, token-major contiguous cache pages, causal attention with no window,
+cache, head size 64, 128 or 256, token-major contiguous cache pages, causal attention with no window,
 ALiBi or soft-cap, one split. Everything else takes the Triton kernel. Gluon kernels do not run
 under the Triton interpreter: they are tested on the GPU, and compiled for sm_90 on the CPU.
 """
@@ -52,9 +52,13 @@ except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel se
 
 # False (COMPILED_ATTN_GLUON_PREFILL=0 at import): every step takes the Triton kernel.
 ENABLED = os.environ.get("COMPILED_ATTN_GLUON_PREFILL", "1").strip().lower() not in ("0", "false", "no", "off")
-HEAD_SIZES = (64, 128)
+HEAD_SIZES = (64, 128, 256)
 BLOCK_M = 128  # query tokens a program: two consumer warpgroups of 64 rows
-BLOCK_N = 128  # keys a tile
+BLOCK_N = 128  # keys a tile (head 256: BLOCK_N_HEAD_256)
+# Head 256 in 64-key tiles: K/V tiles of 32 KB each keep the ring in shared memory (query tile 64 KB, two
+# slots of K and V 128 KB), and the 64x256 fp32 accumulator (128 registers a thread) beside 64-key
+# scores in the consumers' 232 registers.
+BLOCK_N_HEAD_256 = 64
 # K and V buffers each: at head 128, 2 x 2 x 32 KB, with the query tile, the TMA store buffers (32 KB
 # each) and layout-conversion scratch 213 KB of shared memory.
 STAGES = 2
@@ -280,15 +284,19 @@ if gluon is not None:
 
     @gluon.jit
     def _zero_tail_rows(tile, valid, BLOCK_N: gl.constexpr):
-        """Zeros into rows ``[valid, BLOCK_N)`` of a shared tile, 8 rows at a time, by one warp."""
+        """Zeros into rows ``[valid, BLOCK_N)`` of a shared tile, 8 rows of at most 128 columns at a
+        time (a swizzled tile splits no finer than 8 rows), by one warp: 16 registers a thread, within
+        the producer's."""
         CHUNK: gl.constexpr = 8
+        COLS: gl.constexpr = min(tile.shape[1], 128)
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
         for c in gl.static_range(BLOCK_N // CHUNK):
             if (c + 1) * CHUNK > valid:
-                chunk = tile.slice(c * CHUNK, CHUNK)
                 rows = c * CHUNK + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
-                x = chunk.load(layout)
-                chunk.store(gl.where(gl.expand_dims(rows < valid, 1), x, gl.zeros_like(x)))
+                for h in gl.static_range(tile.shape[1] // COLS):
+                    chunk = tile.slice(c * CHUNK, CHUNK).slice(h * COLS, COLS, dim=1)
+                    x = chunk.load(layout)
+                    chunk.store(gl.where(gl.expand_dims(rows < valid, 1), x, gl.zeros_like(x)))
 
     @gluon.jit
     def _load_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
@@ -409,22 +417,30 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
+def block_n_for(head_size: int) -> int:
+    """Keys a K/V tile at this head size."""
+    return BLOCK_N_HEAD_256 if head_size > 128 else BLOCK_N
+
+
 def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float):
     """(grid, args, constexprs) of the kernel for these tensors."""
     num_tokens, num_heads, head_size = q.shape
     _, blocks, page, kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
     dtype = _gl_dtype(q.dtype)
-    box = min(page, BLOCK_N)
+    block_n = block_n_for(head_size)
+    box = min(page, block_n)
     q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, head_size], dtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, head_size], dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_size], dtype)
     q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_size], [q.stride(0), 1], [BLOCK_M // 2, head_size],
                               q_layout)
     rows = [blocks * page, kv_heads * head_size]
     k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, head_size], kv_layout)
                       for i in (0, 1))
     items = num_heads * (num_tokens // BLOCK_M + num_seqs)
-    tma_store = TMA_STORE and out.stride(1) == head_size and out.stride(0) % 8 == 0 and out.storage_offset() % 8 == 0
+    # Head 256's output buffers (64 KB) do not fit beside its ring: stores from registers.
+    tma_store = (TMA_STORE and head_size <= 128 and out.stride(1) == head_size and out.stride(0) % 8 == 0
+                 and out.storage_offset() % 8 == 0)
     o_desc = q_desc
     if tma_store:
         o_desc = TensorDescriptor(out, [num_tokens, num_heads * head_size], [out.stride(0), 1],
@@ -432,7 +448,7 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     grid = (min(items, num_sms(q.device) * PERSISTENT_PROGRAMS_PER_SM) if PERSISTENT_PROGRAMS_PER_SM else items,)
     args = (q_desc, k_desc, v_desc, o_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
             scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
-    constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, PAGE=page,
+    constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE=page,
                       STAGES=STAGES, TMA_STORE=tma_store, SHORT_QUERY_LEN=SHORT_QUERY_LEN,
                       PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return grid, args, constexprs
