@@ -256,9 +256,11 @@ def default_contenders(*, flex: bool = True) -> dict[str, Callable[[Workload], C
 
 def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, cases: list[Case] | None = None,
               fp8: bool = True, flex: bool = True, device: str = "cuda", head_size: int = LLAMA3_8B.head_size,
-              num_kv_heads: int = LLAMA3_8B.num_kv_heads, checkpoint: Callable[[dict], None] | None = None) -> dict:
+              num_kv_heads: int = LLAMA3_8B.num_kv_heads, checkpoint: Callable[[dict], None] | None = None,
+              rounds: int = 1) -> dict:
     """Measure every case for every contender that can run it; return the results as a dict.
 
+    ``rounds``: each case's contenders are timed this many times, in turn (the row: the median).
     ``checkpoint`` receives the report so far after every case (a run cut short keeps them).
     """
     if not torch.cuda.is_available():
@@ -273,6 +275,7 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
         "host": platform.node(),
         "shape": dataclasses.asdict(shape) | {"dtype": str(dtype), "block_size": block_size},
         "ceilings": ceilings,
+        "rounds": rounds,
         "results": results,
     }
     spec_variants = [("bf16", shape)] + ([("fp8", bench_spec("fp8", head_size, num_kv_heads))] if fp8 else [])
@@ -286,6 +289,7 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
                 results.append({"case": case.name, "kv": kv_label, "error": f"workload: {err}"})
                 continue
             layout = cache_layout(workload.kv_cache)
+            runs = []  # (row, the contender's captured-step function)
             for name, make in default_contenders(flex=flex).items():
                 if name.startswith("ours:"):
                     reason = BACKENDS[name[5:]].supports(spec, device=device, dtype=dtype, block_size=block_size)
@@ -296,27 +300,51 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
                     continue
                 row = {"case": case.name, "kind": case.kind, "kv": kv_label, "layout": layout, "contender": name}
                 try:
-                    us = time_graph(make(workload), len(workload.metas))
+                    runs.append((row, make(workload)))
                 except Exception as err:  # a peer that cannot take the shape is reported, not fatal
-                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
-                    results.append(row)
-                    torch.cuda.empty_cache()
-                    continue
-                row["us"] = us
-                if case.kind == "decode":
-                    kv_size = spec.cache_dtype(dtype).itemsize
-                    gbps = decode_bytes(case, spec, kv_size, dtype.itemsize) / us / 1e3
-                    row.update(GBps=gbps, pct_copy=100 * gbps / ceilings["copy_GBps"])
-                else:
-                    tflops = prefill_flops(case, spec) / us / 1e6
-                    row.update(TFLOPs=tflops, pct_matmul=100 * tflops / ceilings["matmul_TFLOPs"])
+                    runs.append((_failed(row, err), None))
+            # Rounds alternate over the contenders, so a drift in the card's clocks over the case
+            # falls on all of them alike; each row is the median of its rounds.
+            timings = {id(row): [] for row, _ in runs}
+            for _ in range(rounds):
+                for row, run in runs:
+                    if "error" not in row:
+                        try:
+                            timings[id(row)].append(time_graph(run, len(workload.metas)))
+                        except Exception as err:
+                            _failed(row, err)
+            for row, _ in runs:
+                if "error" not in row:
+                    _add_rates(row, timings[id(row)], case, spec, dtype, ceilings)
                 results.append(row)
                 print(_format_row(row), flush=True)
+            del runs
             del workload
             torch.cuda.empty_cache()
             if checkpoint:
                 checkpoint(report)
     return report
+
+
+def _failed(row: dict, err: Exception) -> dict:
+    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    torch.cuda.empty_cache()
+    return row
+
+
+def _add_rates(row: dict, times_us: list[float], case: Case, spec: AttentionSpec, dtype: torch.dtype,
+               ceilings: dict) -> None:
+    """``row``'s time (the median of its rounds, each listed where there were several) and what it
+    achieved: GB/s of the decode's bytes or TFLOP/s of the prefill's, and their share of the ceiling."""
+    us = row["us"] = statistics.median(times_us)
+    if len(times_us) > 1:
+        row["us_rounds"] = [round(t, 2) for t in times_us]
+    if case.kind == "decode":
+        gbps = decode_bytes(case, spec, spec.cache_dtype(dtype).itemsize, dtype.itemsize) / us / 1e3
+        row.update(GBps=gbps, pct_copy=100 * gbps / ceilings["copy_GBps"])
+    else:
+        tflops = prefill_flops(case, spec) / us / 1e6
+        row.update(TFLOPs=tflops, pct_matmul=100 * tflops / ceilings["matmul_TFLOPs"])
 
 
 def _format_row(row: dict) -> str:
@@ -380,8 +408,8 @@ def command_line(args) -> str:
     >>> command_line(argparse.Namespace(block_size=256, no_fp8=True, no_flex=False, json="b.json"))
     'compiled-attn bench --block-size 256 --no-fp8 --json b.json'
     >>> command_line(argparse.Namespace(block_size=16, no_fp8=False, no_flex=True, json="b.json",
-    ...                                 head_size=80, kv_heads=32, cases="prefill"))
-    'compiled-attn bench --block-size 16 --head-size 80 --kv-heads 32 --cases prefill --no-flex --json b.json'
+    ...                                 head_size=80, kv_heads=32, cases="prefill", rounds=3))
+    'compiled-attn bench --block-size 16 --head-size 80 --kv-heads 32 --cases prefill --rounds 3 --no-flex --json b.json'
     """
     flags = [f"--block-size {args.block_size}"]
     if getattr(args, "head_size", LLAMA3_8B.head_size) != LLAMA3_8B.head_size:
@@ -390,6 +418,8 @@ def command_line(args) -> str:
         flags.append(f"--kv-heads {args.kv_heads}")
     if getattr(args, "cases", ""):
         flags.append(f"--cases {args.cases}")
+    if getattr(args, "rounds", 1) != 1:
+        flags.append(f"--rounds {args.rounds}")
     flags += [f for f, on in (("--no-fp8", args.no_fp8), ("--no-flex", args.no_flex)) if on]
     return " ".join(["compiled-attn bench", *flags, f"--json {args.json}"])
 
@@ -411,7 +441,8 @@ def main(args) -> int:
             raise SystemExit(f"no benchmark case's name contains {args.cases!r}: "
                              + ", ".join(case.name for case in CASES))
         report = run_bench(block_size=args.block_size, fp8=not args.no_fp8, flex=not args.no_flex,
-                           head_size=args.head_size, num_kv_heads=args.kv_heads, cases=cases, checkpoint=save)
+                           head_size=args.head_size, num_kv_heads=args.kv_heads, cases=cases, checkpoint=save,
+                           rounds=getattr(args, "rounds", 1))
         save(report)
     print(format_table(report))
     if args.png:
@@ -430,6 +461,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--kv-heads", type=int, default=LLAMA3_8B.num_kv_heads,
                    help="KV heads for the 32 query heads (default 8; 32: MHA, 1: MQA)")
     p.add_argument("--cases", default="", help="only the cases whose name contains this (e.g. prefill)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time each case's contenders this many times, in turn, and report the medians")
     p.add_argument("--no-fp8", action="store_true", help="skip the fp8 KV decode variants")
     p.add_argument("--no-flex", action="store_true", help="skip the FlexAttention peer (it compiles per case)")
     p.add_argument("--json", default="bench_results.json")

@@ -66,11 +66,24 @@ def test_bench_cli_takes_shape_and_case_filter():
     parser = argparse.ArgumentParser()
     bench.add_parser(parser.add_subparsers())
     args = parser.parse_args(["bench", "--head-size", "192", "--kv-heads", "1", "--cases", "prefill",
-                              "--json", "b.json"])
-    assert (args.head_size, args.kv_heads, args.cases) == (192, 1, "prefill")
+                              "--rounds", "3", "--json", "b.json"])
+    assert (args.head_size, args.kv_heads, args.cases, args.rounds) == (192, 1, "prefill", 3)
     assert bench.command_line(args) == \
-        "compiled-attn bench --block-size 16 --head-size 192 --kv-heads 1 --cases prefill --json b.json"
+        "compiled-attn bench --block-size 16 --head-size 192 --kv-heads 1 --cases prefill --rounds 3 --json b.json"
     default = parser.parse_args(["bench"])
-    assert (default.head_size, default.kv_heads, default.cases) == (128, 8, "")
+    assert (default.head_size, default.kv_heads, default.cases, default.rounds) == (128, 8, "", 1)
     with pytest.raises(SystemExit, match="no benchmark case"):
         bench.main(parser.parse_args(["bench", "--cases", "no such case"]))
+
+
+def test_bench_row_is_the_median_of_its_rounds():
+    ceilings = {"copy_GBps": 2000.0, "matmul_TFLOPs": 800.0}
+    prefill = next(c for c in bench.CASES if c.kind == "prefill")
+    row = {}
+    bench._add_rates(row, [610.0, 590.0, 600.0], prefill, bench.LLAMA3_8B, torch.bfloat16, ceilings)
+    assert row["us"] == 600.0 and row["us_rounds"] == [610.0, 590.0, 600.0]
+    assert row["TFLOPs"] == pytest.approx(bench.prefill_flops(prefill, bench.LLAMA3_8B) / 600.0 / 1e6)
+    decode = next(c for c in bench.CASES if c.kind == "decode")
+    one = {}
+    bench._add_rates(one, [20.0], decode, bench.LLAMA3_8B, torch.bfloat16, ceilings)
+    assert "us_rounds" not in one and one["pct_copy"] == pytest.approx(100 * one["GBps"] / 2000.0)
