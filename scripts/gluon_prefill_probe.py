@@ -368,7 +368,9 @@ AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
 # removed (gluon_prefill_ab2_h100.json); every sequence in the Gluon kernel
 # (gluon_prefill_mixed_ab_h100.json); one Triton launch of the short sequences, also at 128
 # (gluon_prefill_short_ab_h100.json); programmatic dependent launch of the Gluon kernel and the short
-# launches, not kept (gluon_prefill_pdl_ab_h100.json).
+# launches, not kept (gluon_prefill_pdl_ab_h100.json); consumers deferring an item's last P·V into the
+# next, timed with --ab-against, not kept (gluon_prefill_pipelined_ab*_h100.json); the K/V store inside
+# the kernel, not kept (gluon_prefill_store_ab_h100.json).
 AB_SETTINGS = {
     "as committed": dict(SHORT_QUERY_LEN=64),
 }
