@@ -52,6 +52,11 @@ CASES = {
     "varlen_bf16_d256_g4_bs16": ("varlen", Case("", 16, 4, 256, 16, BF16)),
     "prefix_tails_fp16_d256_g2_bs64": ("prefix_tails", Case("", 8, 4, 256, 64, FP16)),
     "mixed_small_bf16_d256_bs16": ("mixed_small", Case("", 8, 1, 256, 16, BF16, max_query_len=130)),
+    # padded heads: tiles of 128 or 256 columns reaching into the next head's (or past the last)
+    "varlen_bf16_d80_g4_bs16": ("varlen", Case("", 16, 4, 80, 16, BF16)),
+    "prefix_tails_fp16_d112_g2_bs32": ("prefix_tails", Case("", 8, 4, 112, 32, FP16)),
+    "mixed_small_bf16_d96_mqa_bs16": ("mixed_small", Case("", 8, 1, 96, 16, BF16, max_query_len=130)),
+    "prefix_tails_bf16_d192_g4_bs64": ("prefix_tails", Case("", 16, 4, 192, 64, BF16)),
     "mixed_small_bf16_bs32": ("mixed_small", Case("", 16, 4, 128, 32, BF16, max_query_len=130)),
     # a prefill bucket of short sequences only: the Gluon launch skips them all, the Triton one serves them
     "mixed_256_bf16": ("mixed_256", Case("", 32, 8, 128, 16, BF16, max_query_len=130)),
@@ -201,7 +206,9 @@ def test_gpu_gluon_takes_only_what_it_supports():
     assert not gp.supported(q, cache.to(torch.float8_e4m3fn), q, **static), "fp8 cache"
     assert not gp.supported(q.float(), cache.float(), q.float(), **static), "fp32"
     q96, cache96 = q[..., :96].contiguous(), cache[..., :96].contiguous()
-    assert not gp.supported(q96, cache96, q96, **static), "head 96"
+    assert gp.supported(q96, cache96, q96, **static), "head 96, in 128-column tiles"
+    q48, cache48 = q[..., :48].contiguous(), cache[..., :48].contiguous()
+    assert not gp.supported(q48, cache48, q48, **static), "head 48"
     head_major = cache.transpose(2, 3).contiguous().transpose(2, 3)
     assert not gp.supported(q, head_major, q, **static), "head-major pages"
 

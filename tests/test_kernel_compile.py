@@ -130,7 +130,8 @@ def test_compiles_after_an_interpreted_launch(monkeypatch, fp8):
 
 
 @pytest.mark.parametrize("head_size,block_size,dtype",
-                         [(128, 16, "bfloat16"), (64, 256, "float16"), (256, 16, "bfloat16")])
+                         [(128, 16, "bfloat16"), (64, 256, "float16"), (256, 16, "bfloat16"), (112, 32, "float16"),
+                          (192, 64, "bfloat16")])
 def test_gluon_prefill_compiles_for_sm90(head_size, block_size, dtype):
     """The Hopper Gluon prefill kernel builds with this Triton (its Gluon API moves between releases)
     within an H100's shared memory, each consumer still issuing Q·K^T and P·V together (a wait that

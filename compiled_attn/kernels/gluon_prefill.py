@@ -23,8 +23,9 @@ whole 128-row tile over its context, where the Triton kernel packs the query hea
 one tile.
 
 Scope (:func:`supported`): CUDA sm_90 with a Triton whose Gluon has the Hopper API, fp16/bf16 q and
-cache, head size 64, 128 or 256, token-major contiguous cache pages, causal attention with no window,
-ALiBi or soft-cap, one split. Everything else takes the Triton kernel. Gluon kernels do not run
+cache, head size 64, 80, 96, 112, 128, 192 or 256 (80-112 in 128-column tiles, 192 in 256-column
+ones), token-major contiguous cache pages, causal attention with no window, ALiBi or soft-cap, one
+split. Everything else takes the Triton kernel. Gluon kernels do not run
 under the Triton interpreter: they are tested on the GPU, and compiled for sm_90 on the CPU.
 """
 
@@ -52,7 +53,7 @@ except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel se
 
 # False (COMPILED_ATTN_GLUON_PREFILL=0 at import): every step takes the Triton kernel.
 ENABLED = os.environ.get("COMPILED_ATTN_GLUON_PREFILL", "1").strip().lower() not in ("0", "false", "no", "off")
-HEAD_SIZES = (64, 128, 256)
+HEAD_SIZES = (64, 80, 96, 112, 128, 192, 256)  # tiles of 64, 128 or 256 columns (padded_head_size)
 BLOCK_M = 128  # query tokens a program: two consumer warpgroups of 64 rows
 BLOCK_N = 128  # keys a tile (head 256: BLOCK_N_HEAD_256)
 # Head 256 in 64-key tiles: K/V tiles of 32 KB each keep the ring in shared memory (query tile 64 KB, two
@@ -142,14 +143,16 @@ if gluon is not None:
         return lo - 1
 
     @gluon.jit
-    def _zero_rows(out_ptr, head, first, end, s_ot, s_oh, BLOCK_M: gl.constexpr, D: gl.constexpr):
-        """Zeros into rows ``[first, end)`` of one head of ``out`` (at most ``BLOCK_M`` of them)."""
+    def _zero_rows(out_ptr, head, first, end, s_ot, s_oh, BLOCK_M: gl.constexpr, D: gl.constexpr,
+                   HD: gl.constexpr):
+        """Zeros into rows ``[first, end)`` of one head of ``out`` (at most ``BLOCK_M`` of them, ``HD``
+        columns)."""
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
         rows = first + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, layout))
         cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
         ptrs = out_ptr + gl.expand_dims(rows.to(gl.int64) * s_ot + head * s_oh, 1) + gl.expand_dims(cols, 0)
         zeros = gl.zeros([BLOCK_M, D], out_ptr.dtype.element_ty, layout=layout)
-        gl.store(ptrs, zeros, mask=gl.expand_dims(rows < end, 1))
+        gl.store(ptrs, zeros, mask=gl.expand_dims(rows < end, 1) & gl.expand_dims(cols < HD, 0))
 
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, q_pos, key0, qk_scale, s_layout: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -190,7 +193,7 @@ if gluon is not None:
     def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                   v_empty, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
                   s_oh, H: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr,
-                  STAGES: gl.constexpr, TMA_STORE: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr):
+                  HD: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr):
         """One warpgroup's ``BLOCK_M // 2`` rows of each of the program's work items, against key
         tiles ``[0, n_tiles)``; tiles from ``n_full`` on reach past the block's first query and are
         masked. The first tile holds key 0, which every row sees, so no row max stays -inf."""
@@ -269,16 +272,17 @@ if gluon is not None:
                     tma.store_wait(0)  # this warpgroup's previous store has left the buffer
                     o_smem.index(wg).store(o)
                     fence_async_shared()
-                    tma.async_copy_shared_to_global(o_desc, [tok0 + wg * HALF, head * D], o_smem.index(wg))
+                    tma.async_copy_shared_to_global(o_desc, [tok0 + wg * HALF, head * HD], o_smem.index(wg))
                 else:
                     # Rows past the sequence (the next sequence's tokens, or none) computed
-                    # garbage: a masked store, so they are never written.
+                    # garbage, and so did columns past a padded head: a masked store, so they are
+                    # never written.
                     o_rows = gl.convert_layout(o, out_layout)
                     rows = wg * HALF + gl.arange(0, HALF, layout=gl.SliceLayout(1, out_layout))
                     cols = gl.arange(0, D, layout=gl.SliceLayout(0, out_layout))
                     ptrs = (out_ptr + gl.expand_dims((tok0 + rows).to(gl.int64) * s_ot + head * s_oh, 1)
                             + gl.expand_dims(cols, 0))
-                    gl.store(ptrs, o_rows, mask=gl.expand_dims(rows < rows_left, 1))
+                    gl.store(ptrs, o_rows, mask=gl.expand_dims(rows < rows_left, 1) & gl.expand_dims(cols < HD, 0))
         if TMA_STORE:
             tma.store_wait(0)  # the buffer must outlive the copy
 
@@ -299,6 +303,20 @@ if gluon is not None:
                     chunk.store(gl.where(gl.expand_dims(rows < valid, 1), x, gl.zeros_like(x)))
 
     @gluon.jit
+    def _zero_columns(tile, first_col: gl.constexpr, ROWS: gl.constexpr):
+        """Zeros into columns ``[first_col, width)`` of a shared tile's ``ROWS`` rows, 8 rows of at most
+        128 columns at a time, by one warp."""
+        COLS: gl.constexpr = min(tile.shape[1], 128)
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
+        for h in gl.static_range(tile.shape[1] // COLS):
+            if (h + 1) * COLS > first_col:
+                cols = h * COLS + gl.arange(0, COLS, layout=gl.SliceLayout(0, layout))
+                for c in gl.static_range(ROWS // 8):
+                    chunk = tile.slice(c * 8, 8).slice(h * COLS, COLS, dim=1)
+                    x = chunk.load(layout)
+                    chunk.store(gl.where(gl.expand_dims(cols < first_col, 0), x, gl.zeros_like(x)))
+
+    @gluon.jit
     def _load_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
         """Keys ``[key0, key0 + BLOCK_N)`` into ``smem`` as ``BLOCK_N // BOX`` copies of ``BOX =
         min(PAGE, BLOCK_N)`` rows, each from its page; keys past the sequence (masked) read page 0,
@@ -313,7 +331,7 @@ if gluon is not None:
     @gluon.jit
     def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                   v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs, num_q_blocks, s_bt,
-                  H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr,
+                  H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, HD: gl.constexpr, BLOCK_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr):
         """One warp: for each work item its query tile (once the consumers are done with the last
         one), then each K and V tile into a ring slot both consumers freed. A fresh barrier's
@@ -328,11 +346,25 @@ if gluon is not None:
                 SHORT_QUERY_LEN)
             if valid:
                 bt_row_ptr = block_table_ptr + seq.to(gl.int64) * s_bt
-                kv_col = (head // (H // KVH)) * D
+                kv_col = (head // (H // KVH)) * HD
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
-                mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(q_desc, [tok0, head * D], q_ready, q_smem.index(0))
-                tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * D], q_ready, q_smem.index(1))
+                if HD < D:
+                    # A padded head: its tiles reach into the next head's columns (zeros past the
+                    # last), harmless in K and V (their products land in columns never stored, or
+                    # meet zeros) once the query's are zeros.
+                    mbarrier.expect(tail_bar, 2 * q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [tok0, head * HD], tail_bar, q_smem.index(0))
+                    tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * HD], tail_bar, q_smem.index(1))
+                    mbarrier.wait(tail_bar, tails & 1)
+                    tails += 1
+                    _zero_columns(q_smem.index(0), HD, HALF)
+                    _zero_columns(q_smem.index(1), HD, HALF)
+                    fence_async_shared()
+                    mbarrier.arrive(q_ready)
+                else:
+                    mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(q_desc, [tok0, head * HD], q_ready, q_smem.index(0))
+                    tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * HD], q_ready, q_smem.index(1))
                 for j in range(n_tiles):
                     stage = (tile + j) % STAGES
                     free_phase = (((tile + j) // STAGES) & 1) ^ 1
@@ -362,9 +394,9 @@ if gluon is not None:
     @gluon.jit
     def _prefill_kernel(q_desc, k_desc, v_desc, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
                         num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
-                        D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                        STAGES: gl.constexpr, TMA_STORE: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr,
-                        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+                        D: gl.constexpr, HD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        PAGE: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
+                        SHORT_QUERY_LEN: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
         persistent programs)."""
         num_q_blocks = num_tokens // BLOCK_M + num_seqs
@@ -373,7 +405,7 @@ if gluon is not None:
             q_block = num_q_blocks - 1 - item // H
             if (q_block + 1) * BLOCK_M > last_token:  # padding tokens in the block: zeros
                 _zero_rows(out_ptr, item % H, gl.maximum(q_block * BLOCK_M, last_token),
-                           gl.minimum((q_block + 1) * BLOCK_M, num_tokens), s_ot, s_oh, BLOCK_M, D)
+                           gl.minimum((q_block + 1) * BLOCK_M, num_tokens), s_ot, s_oh, BLOCK_M, D, HD)
 
         HALF: gl.constexpr = BLOCK_M // 2
         q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, HALF, D], q_desc.layout)
@@ -403,13 +435,13 @@ if gluon is not None:
         gl.warp_specialize([
             (_consumer, (WG0, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
-                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
+                         s_oh, H, BLOCK_M, BLOCK_N, D, HD, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
             (_consumer, (WG1, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
-                         s_oh, H, BLOCK_M, BLOCK_N, D, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
+                         s_oh, H, BLOCK_M, BLOCK_N, D, HD, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
             (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
                          v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
-                         num_q_blocks, s_bt, H, KVH, D, BLOCK_M, BLOCK_N, PAGE, STAGES, SHORT_QUERY_LEN)),
+                         num_q_blocks, s_bt, H, KVH, D, HD, BLOCK_M, BLOCK_N, PAGE, STAGES, SHORT_QUERY_LEN)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -417,9 +449,15 @@ def _gl_dtype(dtype: torch.dtype):
     return gl.bfloat16 if dtype == torch.bfloat16 else gl.float16
 
 
+def padded_head_size(head_size: int) -> int:
+    """Columns of the kernel's tiles for this head size (Gluon's tensors have power-of-two sizes):
+    80-112 run in 128-column tiles, 192 in 256-column ones."""
+    return 64 if head_size <= 64 else 128 if head_size <= 128 else 256
+
+
 def block_n_for(head_size: int) -> int:
     """Keys a K/V tile at this head size."""
-    return BLOCK_N_HEAD_256 if head_size > 128 else BLOCK_N
+    return BLOCK_N_HEAD_256 if padded_head_size(head_size) > 128 else BLOCK_N
 
 
 def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float):
@@ -430,16 +468,19 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     dtype = _gl_dtype(q.dtype)
     block_n = block_n_for(head_size)
     box = min(page, block_n)
-    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, head_size], dtype)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, head_size], dtype)
-    q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_size], [q.stride(0), 1], [BLOCK_M // 2, head_size],
+    # A padded head's tiles read its columns and the next head's (zeros past the last head).
+    tile_d = padded_head_size(head_size)
+    q_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, tile_d], dtype)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, tile_d], dtype)
+    q_desc = TensorDescriptor(q, [num_tokens, num_heads * head_size], [q.stride(0), 1], [BLOCK_M // 2, tile_d],
                               q_layout)
     rows = [blocks * page, kv_heads * head_size]
-    k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, head_size], kv_layout)
+    k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, tile_d], kv_layout)
                       for i in (0, 1))
     items = num_heads * (num_tokens // BLOCK_M + num_seqs)
-    # Head 256's output buffers (64 KB) do not fit beside its ring: stores from registers.
-    tma_store = (TMA_STORE and head_size <= 128 and out.stride(1) == head_size and out.stride(0) % 8 == 0
+    # Head 256's output buffers (64 KB) do not fit beside its ring, and a padded head's tiles are wider
+    # than its rows: stores from registers.
+    tma_store = (TMA_STORE and tile_d == head_size <= 128 and out.stride(1) == head_size and out.stride(0) % 8 == 0
                  and out.storage_offset() % 8 == 0)
     o_desc = q_desc
     if tma_store:
@@ -448,7 +489,7 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     grid = (min(items, num_sms(q.device) * PERSISTENT_PROGRAMS_PER_SM) if PERSISTENT_PROGRAMS_PER_SM else items,)
     args = (q_desc, k_desc, v_desc, o_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
             scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
-    constexprs = dict(H=num_heads, KVH=kv_heads, D=head_size, BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE=page,
+    constexprs = dict(H=num_heads, KVH=kv_heads, D=tile_d, HD=head_size, BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE=page,
                       STAGES=STAGES, TMA_STORE=tma_store, SHORT_QUERY_LEN=SHORT_QUERY_LEN,
                       PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return grid, args, constexprs
