@@ -350,8 +350,9 @@ if gluon is not None:
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
                 if HD < D:
                     # A padded head: its tiles reach into the next head's columns (zeros past the
-                    # last), harmless in K and V (their products land in columns never stored, or
-                    # meet zeros) once the query's are zeros.
+                    # last), harmless in K and V once the query's are zeros: K's meet those zeros
+                    # (a slot in use holds every KV head's values, so no NaN), V's land in output
+                    # columns that are never stored.
                     mbarrier.expect(tail_bar, 2 * q_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(q_desc, [tok0, head * HD], tail_bar, q_smem.index(0))
                     tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * HD], tail_bar, q_smem.index(1))
