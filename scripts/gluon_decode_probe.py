@@ -38,8 +38,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from compiled_attn.kernels.gluon_prefill import _load_tile as _load_token_major_tile
-from compiled_attn.split_kv import num_sms
 from compiled_attn.kernels.gluon_prefill import _zero_tail_rows
+from compiled_attn.split_kv import num_sms
 
 LOG2E = 1.4426950408889634
 M = gl.constexpr(64)  # rows of a wgmma tile: the G query heads of a KV head, the rest zeros
