@@ -370,7 +370,8 @@ AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
 # (gluon_prefill_short_ab_h100.json); programmatic dependent launch of the Gluon kernel and the short
 # launches, not kept (gluon_prefill_pdl_ab_h100.json); consumers deferring an item's last P·V into the
 # next, timed with --ab-against, not kept (gluon_prefill_pipelined_ab*_h100.json); the K/V store inside
-# the kernel, not kept (gluon_prefill_store_ab_h100.json).
+# the kernel, not kept (gluon_prefill_store_ab_h100.json), and through TMA from the loaded tiles, not
+# kept either (gluon_prefill_fused_store*_h100.json, the code in gluon_prefill_fused_store.diff).
 AB_SETTINGS = {
     "as committed": dict(SHORT_QUERY_LEN=64),
 }
