@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from compiled_attn.kernels.gluon_prefill import _load_tile as _load_token_major_tile
+from compiled_attn.kernels.gluon_prefill import _load_pages as _load_token_major_tile
 from compiled_attn.kernels.gluon_prefill import _zero_tail_rows
 from compiled_attn.split_kv import num_sms
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -370,8 +371,9 @@ AB_CASES = {"8x2048": ([2048] * 8, [2048] * 8), "1x16384": ([16384], [16384]),
 # (gluon_prefill_short_ab_h100.json); programmatic dependent launch of the Gluon kernel and the short
 # launches, not kept (gluon_prefill_pdl_ab_h100.json); consumers deferring an item's last P·V into the
 # next, timed with --ab-against, not kept (gluon_prefill_pipelined_ab*_h100.json); the K/V store inside
-# the kernel, not kept (gluon_prefill_store_ab_h100.json), and through TMA from the loaded tiles, not
-# kept either (gluon_prefill_fused_store*_h100.json, the code in gluon_prefill_fused_store.diff).
+# the kernel, not kept (gluon_prefill_store_ab_h100.json), and through TMA from the loaded tiles (a
+# branch a copy: gluon_prefill_fused_store_ab*_h100.json, the code in gluon_prefill_fused_store.diff;
+# straight-line: gluon_prefill_fused_store_tile*_h100.json, timed with --ab-store; FUSE_STORE since).
 AB_SETTINGS = {
     "as committed": dict(SHORT_QUERY_LEN=64),
 }
@@ -389,19 +391,28 @@ def kernel_of(path: str) -> dict:
     return dict(launch_args=module.launch_args, _prefill_kernel=module._prefill_kernel)
 
 
-def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = None, head_size: int = D) -> list[dict]:
+# --ab-store: the step with its K/V store, the kernel storing most of it against store_kv first.
+AB_STORE_SETTINGS = {"fused store": dict(FUSE_STORE=True), "store_kv then kernel": dict(FUSE_STORE=False)}
+
+
+def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = None, head_size: int = D,
+           store: bool = False) -> list[dict]:
     """The package's paged_attention (pages of 16, shuffled; no store) at the prefill-shaped steps
     ``cases`` of AB_CASES, graph-replayed, under each of AB_SETTINGS in turn, the kernels of the
     files ``against`` names (:func:`kernel_of`) and the Triton kernel, ``rounds`` times, and each
-    output's error against the first setting's; heads of ``head_size``."""
+    output's error against the first setting's; heads of ``head_size``. ``store``: the step stores
+    its new K/V first (as the ``triton`` backend does), under AB_STORE_SETTINGS, and each setting's
+    cache is checked against the new K/V once (new slots NaN before)."""
     from triton.testing import do_bench_cudagraph
 
     from compiled_attn.kernels import gluon_prefill as gp
-    from compiled_attn.kernels.paged_attention import paged_attention
+    from compiled_attn.kernels.paged_attention import fused_store_plan, paged_attention
+    from compiled_attn.kernels.store_kv import store_kv
     own = dict(launch_args=gp.launch_args, _prefill_kernel=gp._prefill_kernel)
-    settings = {name: dict(ENABLED=True, **own, **setting) for name, setting in AB_SETTINGS.items()}
+    chosen = AB_STORE_SETTINGS if store else AB_SETTINGS
+    settings = {name: dict(ENABLED=True, **own, **setting) for name, setting in chosen.items()}
     for name, path in (against or {}).items():
-        settings[name] = dict(ENABLED=True, **kernel_of(path))
+        settings[name] = dict(ENABLED=True, **kernel_of(path), **(dict(FUSE_STORE=True) if store else {}))
     settings["triton"] = dict(ENABLED=False)
     rows = []
     for case in cases:
@@ -419,6 +430,14 @@ def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = 
         lens = torch.tensor(seq_lens, device="cuda", dtype=torch.int32)
         one = torch.ones((), device="cuda")
         n = max(q_lens)
+        k_new, v_new = (torch.randn(sum(q_lens), KV_HEADS, head_size, device="cuda", dtype=torch.bfloat16,
+                                    generator=gen) for _ in range(2))
+        if os.environ.get("AB_QKV_VIEWS"):  # q, k and v as views of one projection's output, as in a model
+            qkv = torch.cat([q, k_new, v_new], 1)
+            q, k_new, v_new = qkv[:, :H], qkv[:, H:H + KV_HEADS], qkv[:, H + KV_HEADS:]
+        positions = torch.cat([torch.arange(c - q, c, device="cuda") for q, c in zip(q_lens, seq_lens)])
+        seq_of = torch.repeat_interleave(torch.arange(len(q_lens), device="cuda"), torch.tensor(q_lens, device="cuda"))
+        slots = block_table[seq_of, positions // 16].long() * 16 + positions % 16
         flops = sum(4 * H * head_size * (q * (c - q) + q * (q + 1) / 2) for q, c in zip(q_lens, seq_lens))
         outs = {}
         for r in range(rounds):
@@ -426,8 +445,24 @@ def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = 
                 for key, value in setting.items():
                     setattr(gp, key, value)
                 out = torch.full_like(q, float("nan"))
-                fn = lambda: paged_attention(q, cache, query_start_loc, lens, block_table, out, max_query_len=n,
-                                             scale=head_size ** -0.5, k_scale=one, v_scale=one)
+
+                def fn():
+                    fused = None
+                    if store:
+                        fused = fused_store_plan(q, k_new, v_new, cache, out, max_query_len=n)
+                        store_kv(k_new, v_new, cache, slots, one, one,
+                                 skip_fused=fused and (query_start_loc, lens, *fused))
+                    paged_attention(q, cache, query_start_loc, lens, block_table, out, max_query_len=n,
+                                    scale=head_size ** -0.5, k_scale=one, v_scale=one, new_kv=fused and (k_new, v_new))
+
+                if store and r == 0:
+                    flat = cache.view(2, -1, KV_HEADS, head_size)
+                    flat[:, slots] = float("nan")
+                    fn()
+                    torch.cuda.synchronize()
+                    wrong = ((flat[0, slots] != k_new).sum() + (flat[1, slots] != v_new).sum()).item()
+                    rows.append(dict(case=case, setting=name, cache_values_wrong=wrong, fused=gp.FUSE_STORE))
+                    print("ROW " + json.dumps(rows[-1]), flush=True)
                 fn()
                 us = do_bench_cudagraph(fn, rep=300) * 1e3
                 outs[name] = out
@@ -435,7 +470,7 @@ def run_ab(rounds: int, cases=tuple(AB_CASES), against: dict[str, str] | None = 
                            tflops=round(flops / us / 1e6, 1))
                 rows.append(row)
                 print("ROW " + json.dumps(row), flush=True)
-        ref = outs[next(iter(AB_SETTINGS))].float()
+        ref = outs[next(iter(chosen))].float()
         for name, out in outs.items():
             err = ((out.float() - ref).norm() / ref.norm()).item()
             rows.append(dict(case=case, setting=name, rel_error_vs_first=err, nan=bool(out.isnan().any())))
@@ -460,10 +495,13 @@ def main() -> None:
     parser.add_argument("--ab-head-size", type=int, default=D, help="the head size --ab times")
     parser.add_argument("--ab-against", nargs=2, action="append", metavar=("NAME", "FILE"), default=[],
                         help="one more --ab setting: the kernel of another gluon_prefill.py")
+    parser.add_argument("--ab-store", action="store_true",
+                        help="--ab times the step with its K/V store: fused into the kernel against store_kv first")
     args = parser.parse_args()
     if args.ab:
-        rows = run_ab(args.ab, args.ab_cases.split(","), dict(args.ab_against), args.ab_head_size)
+        rows = run_ab(args.ab, args.ab_cases.split(","), dict(args.ab_against), args.ab_head_size, args.ab_store)
         against = "".join(f" --ab-against '{name}' {path}" for name, path in args.ab_against)
+        against += " --ab-store" if args.ab_store else ""
         against += f" --ab-head-size {args.ab_head_size}" if args.ab_head_size != D else ""
         Path(args.json).write_text(json.dumps(dict(
             card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,

@@ -22,7 +22,7 @@ from compiled_attn.kernels import paged_attention as pa_mod  # noqa: E402
 from compiled_attn.kernels import store_kv as sk_mod  # noqa: E402
 from batches import TOLERANCE, rel_error  # noqa: E402
 from test_triton_kernels import (  # noqa: E402
-    GPU_BATCHES, Case, _attention, _ragged, make_paged, nan_poisoned, reference_chunked)
+    GPU_BATCHES, Case, _attention, _ragged, make_paged, nan_poisoned, reference_chunked, same_bits)
 
 gpu = pytest.mark.gpu
 needs_sm90 = pytest.mark.skipif(
@@ -101,6 +101,50 @@ def test_gpu_gluon_prefill(gluon_calls, name):
     batch_name, case = CASES[name]
     check_poisoned_step(dataclasses.replace(case, batch=batch_name), seed=len(name))
     assert len(gluon_calls) == 1, "the Gluon kernel must serve this step"
+
+
+# Steps whose K/V the Gluon kernel stores in part itself (fuses_store): heads that fill their tiles,
+# pages of 16 to 256, sequences ending inside a chunk; sequences with a cached prefix and short ones
+# (which store_kv stores) beside them.
+FUSED_STORE_CASES = [
+    "prefill_bf16_d128_g4_bs16", "varlen_fp16_d128_g1_bs32", "varlen_bf16_d64_g8_bs64", "varlen_bf16_d128_mqa_bs256",
+    "prefix_tails_fp16_d64_g4_bs128", "prefix_tails_bf16_d128_g2_bs16", "chunked_32k_bf16",
+    "varlen_bf16_d256_g4_bs16", "prefix_tails_fp16_d256_g2_bs64", "mixed_small_bf16_d256_bs16", "mixed_small_bf16_bs32",
+]
+
+
+@gpu
+@needs_sm90
+@pytest.mark.parametrize("name", FUSED_STORE_CASES)
+def test_gpu_gluon_prefill_stores_the_step(gluon_calls, monkeypatch, name):
+    """The ``triton`` backend's step, store and attention, with the Gluon kernel storing the whole
+    chunks of new tokens of sequences without a cached prefix: the cache ends bit for bit as the
+    reference store leaves it (the new tokens' slots NaN before, unused slots untouched) and the
+    output matches the reference."""
+    from compiled_attn.backends.triton import TritonBackend
+
+    monkeypatch.setattr(gp, "FUSE_STORE", True)  # off by default
+    batch_name, case = CASES[name]
+    case = dataclasses.replace(case, batch=batch_name)
+    b = case.make("cuda", seed=len(name), batches=BATCHES)
+    stored = b.kv_cache.clone()
+    sk_mod.store_kv_reference(b.k, b.v, stored, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    ref = reference_chunked(dataclasses.replace(b, kv_cache=stored), **case.features())
+    cache = nan_poisoned(b.kv_cache)
+    slots = b.meta.slot_mapping[b.meta.slot_mapping >= 0]
+    cache.view(2, -1, *cache.shape[3:])[:, slots] = float("nan")
+    expected = cache.clone()
+    sk_mod.store_kv_reference(b.k, b.v, expected, b.meta.slot_mapping, b.k_scale, b.v_scale)
+    out = torch.full_like(b.q, float("nan"))
+    assert pa_mod.fused_store_plan(b.q, b.k, b.v, cache, out, max_query_len=b.meta.max_query_len) is not None
+    TritonBackend.forward(b.q, b.k, b.v, cache, b.meta, out, alibi_slopes=None, k_scale=b.k_scale, v_scale=b.v_scale,
+                          **case.features())
+    torch.cuda.synchronize()
+    assert len(gluon_calls) == 1
+    assert same_bits(cache, expected), "the cache must hold exactly the step's K/V at its slots, and nothing else"
+    n = b.num_real_tokens
+    assert not out.isnan().any()
+    assert rel_error(out[:n], ref[:n]) <= TOLERANCE[case.dtype]
 
 
 @gpu

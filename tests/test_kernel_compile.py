@@ -129,13 +129,14 @@ def test_compiles_after_an_interpreted_launch(monkeypatch, fp8):
     _compile(_aot.store_and_decode_launch(fp8=fp8, num_splits=2))
 
 
-@pytest.mark.parametrize("head_size,block_size,dtype",
-                         [(128, 16, "bfloat16"), (64, 256, "float16"), (256, 16, "bfloat16"), (112, 32, "float16"),
-                          (192, 64, "bfloat16")])
-def test_gluon_prefill_compiles_for_sm90(head_size, block_size, dtype):
+@pytest.mark.parametrize("head_size,block_size,dtype,fuse_store",
+                         [(128, 16, "bfloat16", False), (64, 256, "float16", False), (256, 16, "bfloat16", False),
+                          (112, 32, "float16", False), (192, 64, "bfloat16", False), (128, 16, "bfloat16", True),
+                          (256, 64, "float16", True)])
+def test_gluon_prefill_compiles_for_sm90(head_size, block_size, dtype, fuse_store):
     """The Hopper Gluon prefill kernel builds with this Triton (its Gluon API moves between releases)
     within an H100's shared memory, each consumer still issuing Q·K^T and P·V together (a wait that
-    leaves one wgmma group in flight)."""
+    leaves one wgmma group in flight); also the build that stores the step's K/V (``fuse_store``)."""
     import torch
 
     from compiled_attn.kernels import gluon_prefill
@@ -143,6 +144,6 @@ def test_gluon_prefill_compiles_for_sm90(head_size, block_size, dtype):
     if gluon_prefill.gluon is None:
         pytest.skip("this Triton has no Gluon Hopper API (the Triton kernel serves every step)")
     compiled = _built(lambda: _aot.compile_gluon_prefill(head_size=head_size, block_size=block_size,
-                                                         dtype=getattr(torch, dtype)))
+                                                         dtype=getattr(torch, dtype), fuse_store=fuse_store))
     assert compiled.metadata.shared <= H100_SHARED, f"{compiled.metadata.shared} bytes of shared memory"
     assert "wgmma.wait_group.sync.aligned 1;" in compiled.asm["ptx"]

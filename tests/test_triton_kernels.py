@@ -180,6 +180,36 @@ def test_store_kv_matches_reference(interpreter, dtype, fp8):
     assert same_bits(cache[:, ~b.used_blocks], b.kv_cache[:, ~b.used_blocks])
 
 
+def fused_store_tokens(meta, chunk: int, short_query_len: int) -> torch.Tensor:
+    """Which tokens the Gluon prefill kernel stores itself (``gluon_prefill.fuses_store``), from
+    the rule: a sequence of over ``short_query_len`` new tokens and no cached prefix, a
+    ``chunk``-aligned run of keys all in the sequence."""
+    starts, lens = meta.query_start_loc.tolist(), meta.seq_lens.tolist()
+    fused = torch.zeros(meta.slot_mapping.shape[0], dtype=torch.bool)
+    for s, seq_len in enumerate(lens):
+        q_len, prefix = starts[s + 1] - starts[s], seq_len - (starts[s + 1] - starts[s])
+        for i in range(q_len):
+            first = (prefix + i) // chunk * chunk
+            fused[starts[s] + i] = q_len > short_query_len and prefix == 0 and first + chunk <= seq_len
+    return fused
+
+
+@pytest.mark.parametrize("chunk", [4, 8])
+def test_store_kv_skips_the_tokens_the_prefill_kernel_stores(interpreter, chunk):
+    # Sequences with and without a cached prefix, ending inside a chunk and on its edge, a short
+    # sequence, padding.
+    b = make_paged([9, 16, 2, 13, 6], [14, 16, 30, 13, 10], heads=4, kv_heads=2, head_size=64, block_size=8,
+                   dtype=torch.float16)
+    fused = fused_store_tokens(b.meta, chunk, short_query_len=2)
+    assert fused.any() and not fused.all()
+    ref = b.kv_cache.clone()
+    sk_mod.store_kv_reference(b.k, b.v, ref, b.meta.slot_mapping.masked_fill(fused, -1), b.k_scale, b.v_scale)
+    cache = b.kv_cache.clone()
+    sk_mod.store_kv(b.k, b.v, cache, b.meta.slot_mapping, b.k_scale, b.v_scale,
+                    skip_fused=(b.meta.query_start_loc, b.meta.seq_lens, chunk, 2))
+    assert same_bits(cache, ref)
+
+
 def test_fp8_rounding_matches_torch(interpreter):
     # Ties, carries into the exponent, subnormals, saturation and signed zeros.
     grid = torch.tensor([2.0 ** e * (1 + m / 16) for e in range(-12, 9) for m in range(16)])

@@ -70,12 +70,20 @@ class TritonBackend(AttentionBackend):
                 k_scale, v_scale) -> None:
         if q.device.type == "cpu" and not _interpreting():
             raise RuntimeError(f"backend 'triton' on CPU {_NOT_INTERPRETING}")
-        from ..kernels.paged_attention import paged_attention
+        from ..kernels.paged_attention import fused_store_plan, paged_attention
         from ..kernels.store_kv import store_kv
 
-        store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale)
+        # With gluon_prefill.FUSE_STORE (off by default), a Hopper prefill step's kernel stores the
+        # new K/V of its sequences without a cached prefix itself, from the tiles it loads anyway;
+        # store_kv writes the rest first.
+        fused = fused_store_plan(q, k, v, kv_cache, out, max_query_len=meta.max_query_len,
+                                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                                 alibi_slopes=alibi_slopes)
+        store_kv(k, v, kv_cache, meta.slot_mapping, k_scale, v_scale,
+                 skip_fused=fused and (meta.query_start_loc, meta.seq_lens, *fused))
         paged_attention(
             q, kv_cache, meta.query_start_loc, meta.seq_lens, meta.block_table, out,
             max_query_len=meta.max_query_len, scale=scale, sliding_window=sliding_window,
             logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes, k_scale=k_scale, v_scale=v_scale,
+            new_kv=fused and (k, v),
         )

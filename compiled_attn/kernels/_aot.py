@@ -225,9 +225,9 @@ def compile_gluon(kernel, args, constexprs: dict, *, divisible=(), arch: int = 9
 
 
 def compile_gluon_prefill(*, arch: int = 90, head_size: int = 128, block_size: int = 16, heads: int = 32,
-                          kv_heads: int = 8, dtype=None):
+                          kv_heads: int = 8, dtype=None, fuse_store: bool = False):
     """The Gluon prefill kernel (``gluon_prefill``) built for ``arch`` as a launch on tensors of these
-    shapes would build it."""
+    shapes would build it (``fuse_store``: the variant that stores the step's K/V too)."""
     import torch
 
     from . import gluon_prefill as gp
@@ -236,7 +236,9 @@ def compile_gluon_prefill(*, arch: int = 90, head_size: int = 128, block_size: i
     q = torch.empty(256, heads, head_size, dtype=dtype)
     cache = torch.empty(2, 64, block_size, kv_heads, head_size, dtype=dtype)
     seq = torch.zeros(2, dtype=torch.int32)
+    new = torch.empty(256, kv_heads, head_size, dtype=dtype)
     _, args, constexprs = gp.launch_args(q, cache, torch.zeros(3, dtype=torch.int32), seq,
-                                         torch.zeros(2, 8, dtype=torch.int32), torch.empty_like(q), scale=0.1)
+                                         torch.zeros(2, 8, dtype=torch.int32), torch.empty_like(q), scale=0.1,
+                                         **(dict(k=new, v=new) if fuse_store else {}))
     return compile_gluon(gp._prefill_kernel, args, constexprs, arch=arch, divisible=(
         "out_ptr", "query_start_loc_ptr", "seq_lens_ptr", "block_table_ptr", "s_ot", "s_oh"))

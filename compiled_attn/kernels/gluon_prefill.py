@@ -84,6 +84,16 @@ TMA_STORE = True
 # 128 decodes of 2048 1,039-1,043 -> 427-430 (419-420); 32 chunks of 64 over 4096 634-637 -> 363-364;
 # steps without short sequences pay for the two empty launches, 8x2048 585-592 -> 590-595.
 SHORT_QUERY_LEN = 64
+# The step's K/V store inside this kernel where it can (fuses_store): for sequences without a cached
+# prefix, the attention reads each whole chunk of new tokens from k/v (not the cache), and the
+# producer copies the chunks of each item's own query block from the landed tile into the cache
+# through TMA, once a KV head; store_kv writes only the rest first (a last partial chunk, sequences
+# with a cached prefix, the short sequences). Off unless COMPILED_ATTN_FUSE_PREFILL_STORE=1: the
+# ungated version (every sequence's new tiles from k/v) took the step with its store from 629-631 to
+# 598-604 us at 8x2048 and 3,838-3,854 to 3,697-3,703 at 1x16384, but 2,260-2,265 to 2,379-2,381 on
+# the prefix step (H100, two rounds, benchmarks/gluon_prefill_fused_store_tile_h100.json); this
+# version, which keeps sequences with a prefix on the cache's path, is not timed yet.
+FUSE_STORE = os.environ.get("COMPILED_ATTN_FUSE_PREFILL_STORE", "0").strip().lower() in ("1", "true", "yes", "on")
 LOG2E = 1.4426950408889634
 
 
@@ -187,7 +197,7 @@ if gluon is not None:
         n_tiles = gl.cdiv(key_end, BLOCK_N)
         n_full = (first_pos + 1) // BLOCK_N
         valid = (rows > 0) & (q_len > SHORT_QUERY_LEN)
-        return valid, head, seq, q_start + local * BLOCK_M, rows, first_pos, seq_len, n_tiles, n_full
+        return valid, head, seq, q_start + local * BLOCK_M, rows, first_pos, seq_len, n_tiles, n_full, seq_len - q_len
 
     @gluon.jit
     def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
@@ -211,7 +221,7 @@ if gluon is not None:
         tile = 0  # K/V ring position, over all items
         done = 0  # items done (the query tile's phase)
         for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
-            valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
+            valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full, prefix = _work_item(
                 item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N,
                 SHORT_QUERY_LEN)
             if valid:
@@ -317,10 +327,10 @@ if gluon is not None:
                     chunk.store(gl.where(gl.expand_dims(cols < first_col, 0), x, gl.zeros_like(x)))
 
     @gluon.jit
-    def _load_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
-        """Keys ``[key0, key0 + BLOCK_N)`` into ``smem`` as ``BLOCK_N // BOX`` copies of ``BOX =
-        min(PAGE, BLOCK_N)`` rows, each from its page; keys past the sequence (masked) read page 0,
-        never a table entry past the row."""
+    def _load_pages(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
+        """Keys ``[key0, key0 + BLOCK_N)`` from the cache into ``smem``, landing on ``bar``: one copy
+        of ``BOX = min(PAGE, BLOCK_N)`` rows a page (keys past the sequence, masked, read page 0,
+        never a table entry past the row)."""
         BOX: gl.constexpr = desc.block_type.shape[0]
         mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
         for i in gl.static_range(BLOCK_N // BOX):
@@ -329,10 +339,100 @@ if gluon is not None:
             tma.async_copy_global_to_shared(desc, [page * PAGE + key % PAGE, kv_col], bar, smem.slice(i * BOX, BOX))
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                  v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs, num_q_blocks, s_bt,
-                  H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, HD: gl.constexpr, BLOCK_M: gl.constexpr,
-                  BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr):
+    def _load_tile(desc, new_desc, smem, bar, bt_row_ptr, key0, seq_len, prefix, new_row, kv_col,
+                   BLOCK_N: gl.constexpr, PAGE: gl.constexpr, FUSE_STORE: gl.constexpr):
+        """Keys ``[key0, key0 + BLOCK_N)`` into ``smem`` as :func:`_load_pages` loads them. With
+        ``FUSE_STORE``, a chunk of new tokens only (:func:`fused_chunk`) comes from the step's own
+        K/V (``new_desc``, key ``key`` at row ``new_row + key``): this launch stores it, so the
+        cache does not hold it yet."""
+        BOX: gl.constexpr = desc.block_type.shape[0]
+        if FUSE_STORE:
+            mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
+            # Tiles of new keys only (all but an item's last) in straight-line copies: a branch
+            # around each copy made the producer starve the consumers (1x16384 3,813 -> 4,547 us,
+            # benchmarks/gluon_prefill_fused_store_tile_h100.json).
+            if (key0 >= prefix) & (key0 + BLOCK_N <= seq_len):
+                for i in gl.static_range(BLOCK_N // BOX):
+                    tma.async_copy_global_to_shared(new_desc, [new_row + key0 + i * BOX, kv_col], bar,
+                                                    smem.slice(i * BOX, BOX))
+            else:  # across the prefix's end, or past the sequence's
+                for i in gl.static_range(BLOCK_N // BOX):
+                    key = key0 + i * BOX
+                    if (key >= prefix) & (key + BOX <= seq_len):
+                        tma.async_copy_global_to_shared(new_desc, [new_row + key, kv_col], bar,
+                                                        smem.slice(i * BOX, BOX))
+                    else:
+                        page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+                        tma.async_copy_global_to_shared(desc, [page * PAGE + key % PAGE, kv_col], bar,
+                                                        smem.slice(i * BOX, BOX))
+        else:
+            _load_pages(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N, PAGE)
+
+    @gluon.jit
+    def _store_chunks(desc, smem, bt_row_ptr, key0, first_pos, seq_len, kv_col, BLOCK_M: gl.constexpr,
+                      BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
+        """The chunks of a landed K or V tile (keys ``[key0, key0 + BLOCK_N)``) that this item
+        stores: whole chunks of new tokens whose first key is one of its block's queries."""
+        BOX: gl.constexpr = desc.block_type.shape[0]
+        for i in gl.static_range(BLOCK_N // BOX):
+            key = key0 + i * BOX
+            if (key >= first_pos) & (key < first_pos + BLOCK_M) & (key + BOX <= seq_len):
+                page = gl.load(bt_row_ptr + key // PAGE)
+                tma.async_copy_shared_to_global(desc, [page * PAGE + key % PAGE, kv_col], smem.slice(i * BOX, BOX))
+
+    @gluon.jit
+    def _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
+                       tail_bar, tails, tile, n_tiles, bt_row_ptr, head, first_pos, seq_len, prefix, new_row, kv_col,
+                       H: gl.constexpr, KVH: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                       PAGE: gl.constexpr, STAGES: gl.constexpr, FUSE: gl.constexpr, FUSED_BUILD: gl.constexpr):
+        """An item's K and V tiles into ring slots both consumers freed (``FUSE``: new keys from k/v,
+        and the item's share of them copied into the cache; ``FUSED_BUILD``: some items' copies may
+        still be reading a slot); returns the ``tail_bar`` phase count."""
+        for j in range(n_tiles):
+            stage = (tile + j) % STAGES
+            free_phase = (((tile + j) // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(stage), free_phase)
+            if FUSED_BUILD:
+                tma.store_wait(0)  # the stores from this slot (an earlier tile's) have read it
+            _load_tile(k_desc, k_new_desc, k_smem.index(stage), k_ready.index(stage), bt_row_ptr, j * BLOCK_N,
+                       seq_len, prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
+            mbarrier.wait(v_empty.index(stage), free_phase)
+            # A tile that reaches past the sequence (an item's last) lands on tail_bar
+            # first, so the rows past the sequence can be zeroed before the consumers see
+            # it: their probabilities are 0, but 0 x NaN is NaN, and unused cache slots may
+            # hold anything.
+            tail = seq_len - j * BLOCK_N
+            if tail < BLOCK_N:
+                _load_tile(v_desc, v_new_desc, v_smem.index(stage), tail_bar, bt_row_ptr, j * BLOCK_N, seq_len,
+                           prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
+                mbarrier.wait(tail_bar, tails & 1)
+                tails += 1
+                _zero_tail_rows(v_smem.index(stage), tail, BLOCK_N)
+                fence_async_shared()  # the zeros before the consumers' (async-proxy) reads
+                mbarrier.arrive(v_ready.index(stage))
+            else:
+                _load_tile(v_desc, v_new_desc, v_smem.index(stage), v_ready.index(stage), bt_row_ptr,
+                           j * BLOCK_N, seq_len, prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
+            if FUSE:
+                # The new chunks of the block's own keys go to the cache from the landed tile,
+                # once a KV head (its first query head's item); the slot is not reloaded before
+                # these copies have read it (store_wait above).
+                if (head % (H // KVH) == 0) & (j >= first_pos // BLOCK_N):
+                    ready_phase = ((tile + j) // STAGES) & 1
+                    mbarrier.wait(k_ready.index(stage), ready_phase)
+                    _store_chunks(k_desc, k_smem.index(stage), bt_row_ptr, j * BLOCK_N, first_pos, seq_len,
+                                  kv_col, BLOCK_M, BLOCK_N, PAGE)
+                    mbarrier.wait(v_ready.index(stage), ready_phase)
+                    _store_chunks(v_desc, v_smem.index(stage), bt_row_ptr, j * BLOCK_N, first_pos, seq_len,
+                                  kv_col, BLOCK_M, BLOCK_N, PAGE)
+        return tails
+
+    @gluon.jit
+    def _producer(q_desc, k_desc, v_desc, k_new_desc, v_new_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
+                  k_empty, v_ready, v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
+                  num_q_blocks, s_bt, H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, HD: gl.constexpr,
+                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+                  SHORT_QUERY_LEN: gl.constexpr, FUSE_STORE: gl.constexpr):
         """One warp: for each work item its query tile (once the consumers are done with the last
         one), then each K and V tile into a ring slot both consumers freed. A fresh barrier's
         previous phase counts as complete, hence the ``^ 1`` on the waits for free slots."""
@@ -341,12 +441,13 @@ if gluon is not None:
         done = 0
         tails = 0
         for item in range(gl.program_id(0), num_q_blocks * H, gl.num_programs(0)):
-            valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full = _work_item(
+            valid, head, seq, tok0, rows_left, first_pos, seq_len, n_tiles, n_full, prefix = _work_item(
                 item, num_q_blocks, query_start_loc_ptr, seq_lens_ptr, num_seqs, H, BLOCK_M, BLOCK_N,
                 SHORT_QUERY_LEN)
             if valid:
                 bt_row_ptr = block_table_ptr + seq.to(gl.int64) * s_bt
                 kv_col = (head // (H // KVH)) * HD
+                new_row = tok0 - first_pos  # the row of key 0 in the step's K/V, were it new
                 mbarrier.wait(q_empty, (done & 1) ^ 1)
                 if HD < D:
                     # A padded head: its tiles reach into the next head's columns (zeros past the
@@ -366,38 +467,31 @@ if gluon is not None:
                     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
                     tma.async_copy_global_to_shared(q_desc, [tok0, head * HD], q_ready, q_smem.index(0))
                     tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * HD], q_ready, q_smem.index(1))
-                for j in range(n_tiles):
-                    stage = (tile + j) % STAGES
-                    free_phase = (((tile + j) // STAGES) & 1) ^ 1
-                    mbarrier.wait(k_empty.index(stage), free_phase)
-                    _load_tile(k_desc, k_smem.index(stage), k_ready.index(stage), bt_row_ptr, j * BLOCK_N, seq_len,
-                               kv_col, BLOCK_N, PAGE)
-                    mbarrier.wait(v_empty.index(stage), free_phase)
-                    # A tile that reaches past the sequence (an item's last) lands on tail_bar
-                    # first, so the rows past the sequence can be zeroed before the consumers see
-                    # it: their probabilities are 0, but 0 x NaN is NaN, and unused cache slots may
-                    # hold anything.
-                    tail = seq_len - j * BLOCK_N
-                    if tail < BLOCK_N:
-                        _load_tile(v_desc, v_smem.index(stage), tail_bar, bt_row_ptr, j * BLOCK_N, seq_len, kv_col,
-                                   BLOCK_N, PAGE)
-                        mbarrier.wait(tail_bar, tails & 1)
-                        tails += 1
-                        _zero_tail_rows(v_smem.index(stage), tail, BLOCK_N)
-                        fence_async_shared()  # the zeros before the consumers' (async-proxy) reads
-                        mbarrier.arrive(v_ready.index(stage))
-                    else:
-                        _load_tile(v_desc, v_smem.index(stage), v_ready.index(stage), bt_row_ptr, j * BLOCK_N,
-                                   seq_len, kv_col, BLOCK_N, PAGE)
+                if FUSE_STORE and prefix == 0:
+                    # Sequences without a cached prefix only: with one, the branches around the
+                    # cache's copies cost more than the store saves (benchmarks/
+                    # gluon_prefill_fused_store_tile_h100.json); store_kv stores those.
+                    tails = _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty,
+                                           v_ready, v_empty, tail_bar, tails, tile, n_tiles, bt_row_ptr, head,
+                                           first_pos, seq_len, prefix, new_row, kv_col, H, KVH, BLOCK_M, BLOCK_N,
+                                           PAGE, STAGES, True, FUSE_STORE)
+                else:
+                    tails = _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty,
+                                           v_ready, v_empty, tail_bar, tails, tile, n_tiles, bt_row_ptr, head,
+                                           first_pos, seq_len, prefix, new_row, kv_col, H, KVH, BLOCK_M, BLOCK_N,
+                                           PAGE, STAGES, False, FUSE_STORE)
                 tile += n_tiles
                 done += 1
+        if FUSE_STORE:
+            tma.store_wait(0)  # the tiles must outlive the copies
 
     @gluon.jit
-    def _prefill_kernel(q_desc, k_desc, v_desc, o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, block_table_ptr,
-                        num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr,
-                        D: gl.constexpr, HD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                        PAGE: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
-                        SHORT_QUERY_LEN: gl.constexpr, PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
+    def _prefill_kernel(q_desc, k_desc, v_desc, k_new_desc, v_new_desc, o_desc, out_ptr, query_start_loc_ptr,
+                        seq_lens_ptr, block_table_ptr, num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt,
+                        H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, HD: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
+                        SHORT_QUERY_LEN: gl.constexpr, FUSE_STORE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+                        CONSUMER_REGS: gl.constexpr):
         """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
         persistent programs)."""
         num_q_blocks = num_tokens // BLOCK_M + num_seqs
@@ -428,7 +522,7 @@ if gluon is not None:
         for i in gl.static_range(STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumers
             mbarrier.init(v_empty.index(i), count=2)
 
         WG0: gl.constexpr = 0
@@ -440,9 +534,10 @@ if gluon is not None:
             (_consumer, (WG1, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
                          s_oh, H, BLOCK_M, BLOCK_N, D, HD, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
-            (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready, k_empty, v_ready,
-                         v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
-                         num_q_blocks, s_bt, H, KVH, D, HD, BLOCK_M, BLOCK_N, PAGE, STAGES, SHORT_QUERY_LEN)),
+            (_producer, (q_desc, k_desc, v_desc, k_new_desc, v_new_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
+                         k_ready, k_empty, v_ready, v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr,
+                         block_table_ptr, num_seqs, num_q_blocks, s_bt, H, KVH, D, HD, BLOCK_M, BLOCK_N, PAGE, STAGES,
+                         SHORT_QUERY_LEN, FUSE_STORE)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -461,8 +556,23 @@ def block_n_for(head_size: int) -> int:
     return BLOCK_N_HEAD_256 if padded_head_size(head_size) > 128 else BLOCK_N
 
 
-def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float):
-    """(grid, args, constexprs) of the kernel for these tensors."""
+def fused_chunk(head_size: int, block_size: int) -> int:
+    """Keys a chunk of the fused store (:func:`fuses_store`): a TMA copy's rows."""
+    return min(block_size, block_n_for(head_size))
+
+
+def fuses_store(k, v, kv_cache) -> bool:
+    """Whether this kernel can store the step's new K/V itself (static properties only): a head
+    that fills its tiles, k/v rows ``[kv_heads * head_size]`` contiguous and 16-byte aligned."""
+    head_size = kv_cache.shape[-1]
+    return FUSE_STORE and padded_head_size(head_size) == head_size and all(
+        t.dtype == kv_cache.dtype and t.stride(2) == 1 and t.stride(1) == head_size and t.stride(0) % 8 == 0
+        and t.storage_offset() % 8 == 0 for t in (k, v))
+
+
+def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float, k=None, v=None):
+    """(grid, args, constexprs) of the kernel for these tensors; with the step's ``k``/``v``
+    (:func:`fuses_store`) it also stores their whole chunks of new tokens."""
     num_tokens, num_heads, head_size = q.shape
     _, blocks, page, kv_heads, _ = kv_cache.shape
     num_seqs = seq_lens.shape[0]
@@ -478,6 +588,11 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     rows = [blocks * page, kv_heads * head_size]
     k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, tile_d], kv_layout)
                       for i in (0, 1))
+    fuse = k is not None
+    k_new_desc, v_new_desc = k_desc, v_desc  # placeholders where nothing is fused
+    if fuse:
+        k_new_desc, v_new_desc = (TensorDescriptor(t, [num_tokens, kv_heads * head_size], [t.stride(0), 1],
+                                                   [box, tile_d], kv_layout) for t in (k, v))
     items = num_heads * (num_tokens // BLOCK_M + num_seqs)
     # Head 256's output buffers (64 KB) do not fit beside its ring, and a padded head's tiles are wider
     # than its rows: stores from registers.
@@ -488,18 +603,22 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
         o_desc = TensorDescriptor(out, [num_tokens, num_heads * head_size], [out.stride(0), 1],
                                   [BLOCK_M // 2, head_size], q_layout)
     grid = (min(items, num_sms(q.device) * PERSISTENT_PROGRAMS_PER_SM) if PERSISTENT_PROGRAMS_PER_SM else items,)
-    args = (q_desc, k_desc, v_desc, o_desc, out, query_start_loc, seq_lens, block_table, num_seqs, num_tokens,
-            scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
+    args = (q_desc, k_desc, v_desc, k_new_desc, v_new_desc, o_desc, out, query_start_loc, seq_lens, block_table,
+            num_seqs, num_tokens, scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
     constexprs = dict(H=num_heads, KVH=kv_heads, D=tile_d, HD=head_size, BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE=page,
-                      STAGES=STAGES, TMA_STORE=tma_store, SHORT_QUERY_LEN=SHORT_QUERY_LEN,
+                      STAGES=STAGES, TMA_STORE=tma_store, SHORT_QUERY_LEN=SHORT_QUERY_LEN, FUSE_STORE=fuse,
                       PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
     return grid, args, constexprs
 
 
-def prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float) -> torch.Tensor:
+def prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale: float, k=None,
+                      v=None) -> torch.Tensor:
     """``paged_attention`` for a step :func:`supported` accepts (the caller checked it, and the
     arguments): writes ``out``'s rows of sequences of over ``SHORT_QUERY_LEN`` new tokens, and the
-    padding rows' zeros."""
-    grid, args, constexprs = launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
+    padding rows' zeros. Given the step's ``k``/``v`` (:func:`fuses_store`), it also stores the
+    whole chunks of new tokens (``fused_chunk`` keys, at their block table's slots) of those
+    sequences without a cached prefix, which ``store_kv(..., skip_fused=...)`` skips."""
+    grid, args, constexprs = launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, k=k,
+                                         v=v)
     _prefill_kernel[grid](*args, **constexprs)
     return out

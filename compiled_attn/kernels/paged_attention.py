@@ -972,6 +972,19 @@ def _takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits
         split_max_query_len=SPLIT_MAX_QUERY_LEN)
 
 
+def fused_store_plan(q, k, v, kv_cache, out, *, max_query_len: int, sliding_window=None, logits_soft_cap=None,
+                     alibi_slopes=None) -> tuple[int, int] | None:
+    """``(chunk, short_query_len)`` where the step's prefill kernel can store its new K/V itself
+    (:func:`gluon_prefill.fuses_store`): ``store_kv(..., skip_fused=(query_start_loc, seq_lens,
+    chunk, short_query_len))`` then writes only the rest, and ``paged_attention(..., new_kv=(k, v))``
+    the whole chunks of new tokens. None: store_kv stores everything first. Static properties
+    only. Slots must follow the block table (as every engine computes them)."""
+    if not (_takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits_soft_cap, alibi_slopes,
+                                 None) and gluon_prefill.fuses_store(k, v, kv_cache)):
+        return None
+    return gluon_prefill.fused_chunk(kv_cache.shape[-1], kv_cache.shape[2]), gluon_prefill.SHORT_QUERY_LEN
+
+
 def _short_seqs_plans(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, scale, k_scale, v_scale) -> list:
     """The Triton launches that follow a Gluon prefill launch: the sequences of at most
     ``gluon_prefill.SHORT_QUERY_LEN`` new tokens, which that kernel skips, in two query-length
@@ -1004,6 +1017,7 @@ def paged_attention(
     v_scale: torch.Tensor,
     num_splits: int | None = None,
     tile_n: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of every new token over its sequence's paged context; writes ``out``.
 
@@ -1014,7 +1028,9 @@ def paged_attention(
     Padding tokens (index >= ``query_start_loc[-1]``) get zeros. ``num_splits``/``tile_n``
     override the static heuristics (tests, benchmarks; ``tile_n`` also keeps the step on this
     kernel). No host synchronisation. On sm_90, prefill-shaped steps in :mod:`.gluon_prefill`'s
-    scope run that kernel instead, and this one for their short sequences only.
+    scope run that kernel instead, and this one for their short sequences only. ``new_kv``: the
+    step's k/v, where :func:`fused_store_plan` allowed it and store_kv skipped what it said; the
+    Gluon kernel then stores the rest of the new K/V while it attends.
 
     Equivalent PyTorch code: :func:`paged_attention_reference`.
 
@@ -1027,12 +1043,18 @@ def paged_attention(
     ...                       max_query_len=3, scale=128 ** -0.5, k_scale=one, v_scale=one)
     """
     check_attention_args(q, kv_cache, query_start_loc, seq_lens, block_table, out)
+    if new_kv is not None and (tile_n is not None or (num_splits or 1) != 1 or fused_store_plan(
+            q, *new_kv, kv_cache, out, max_query_len=max_query_len, sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap, alibi_slopes=alibi_slopes) is None):
+        raise ValueError("new_kv is only for a step fused_store_plan accepts (store_kv skipped its chunks)")
     if q.shape[0] == 0 or seq_lens.shape[0] == 0:
         return out.zero_()
     if tile_n is None and _takes_gluon_prefill(q, kv_cache, out, max_query_len, sliding_window, logits_soft_cap,
                                                alibi_slopes, num_splits):
         check_scale(scale)
-        gluon_prefill.prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale)
+        k, v = new_kv or (None, None)
+        gluon_prefill.prefill_attention(q, kv_cache, query_start_loc, seq_lens, block_table, out, scale=scale, k=k,
+                                        v=v)
         with _jit.launching(globals()):
             for attn, reduce in _short_seqs_plans(q, kv_cache, query_start_loc, seq_lens, block_table, out,
                                                   scale=scale, k_scale=k_scale, v_scale=v_scale):

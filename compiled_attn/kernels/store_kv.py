@@ -36,19 +36,47 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
+def _stored_by_attention(t, query_start_loc_ptr, seq_lens_ptr, num_seqs, CHUNK: tl.constexpr,
+                         SHORT_QUERY_LEN: tl.constexpr):
+    """Whether the prefill kernel that follows stores token ``t`` (``gluon_prefill.fuses_store``):
+    it is in a sequence of over ``SHORT_QUERY_LEN`` new tokens and no cached prefix, in a
+    ``CHUNK``-aligned run of keys all in the sequence."""
+    lo = 0
+    hi = num_seqs
+    while lo < hi:  # the last sequence starting at or before t
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) <= t:
+            lo = mid + 1
+        else:
+            hi = mid
+    seq = lo - 1
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len
+    pos = prefix + (t - q_start)
+    chunk = pos - pos % CHUNK
+    return (t < q_start + q_len) & (q_len > SHORT_QUERY_LEN) & (prefix == 0) & (chunk + CHUNK <= seq_len)
+
+
+@triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr,
+    k_ptr, v_ptr, cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs,
     s_kt, s_kh, s_kd, s_vt, s_vh, s_vd,
     s_ckv, s_cb, s_cs, s_ch, s_cd,
     KV_HEADS: tl.constexpr, HEAD: tl.constexpr, KV_HEADS_PAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr, ROUND_FP8: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    SKIP_CHUNK: tl.constexpr, SHORT_QUERY_LEN: tl.constexpr, USE_GDC: tl.constexpr,
 ):
     _wait_for_previous_kernel(USE_GDC, True)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:
         return
+    if SKIP_CHUNK:
+        if _stored_by_attention(t.to(tl.int32), query_start_loc_ptr, seq_lens_ptr, num_seqs, SKIP_CHUNK,
+                                SHORT_QUERY_LEN):
+            return
     offs_h = tl.arange(0, KV_HEADS_PAD)
     offs_d = tl.arange(0, HEAD_PAD)
     mask = (offs_h < KV_HEADS)[:, None] & (offs_d < HEAD)[None, :]
@@ -69,17 +97,19 @@ def _store_kv_kernel(
     tl.store(dst + s_ckv, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale):
+def _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale, skip_fused=None):
     """(grid, positional args, constexpr kwargs) of one store launch; shapes only, no data."""
     _, _, block_size, kv_heads, head_size = kv_cache.shape
+    query_start_loc, seq_lens, chunk, short_query_len = skip_fused or (slot_mapping, slot_mapping, 0, 0)
     args = (
-        k, v, kv_cache, slot_mapping, k_scale, v_scale,
+        k, v, kv_cache, slot_mapping, k_scale, v_scale, query_start_loc, seq_lens, seq_lens.shape[0],
         *k.stride(), *v.stride(), *kv_cache.stride(),
     )
     constexprs = dict(
         KV_HEADS=kv_heads, HEAD=head_size, KV_HEADS_PAD=_jit.next_power_of_2(kv_heads),
         HEAD_PAD=_jit.next_power_of_2(head_size), BLOCK_SIZE=block_size,
         IS_FP8=kv_cache.dtype == torch.float8_e4m3fn, FP8_MAX=FP8_E4M3_MAX, num_warps=STORE_KV_NUM_WARPS,
+        SKIP_CHUNK=chunk, SHORT_QUERY_LEN=short_query_len,
         ROUND_FP8=_jit.interpreting() or k.device.type != "cuda", **launch_constexprs(k),
     )
     return (k.shape[0],), args, constexprs
@@ -106,11 +136,15 @@ def store_kv(
     slot_mapping: torch.Tensor,
     k_scale: torch.Tensor,
     v_scale: torch.Tensor,
+    *,
+    skip_fused: tuple | None = None,
 ) -> None:
     """Write ``k``/``v`` ``[T, KVH, D]`` into ``kv_cache`` ``[2, num_blocks, block_size, KVH, D]``.
 
     ``slot_mapping`` ``[T]`` int64 holds ``block * block_size + offset`` per token, -1 to skip.
     ``k_scale``/``v_scale`` are float32 scalar tensors, used when the cache is float8_e4m3fn.
+    ``skip_fused`` ``(query_start_loc, seq_lens, chunk, short_query_len)`` skips the tokens that the
+    prefill kernel launched next stores itself (``paged_attention.fused_store_plan``).
 
     Equivalent PyTorch code: :func:`store_kv_reference`.
 
@@ -124,7 +158,7 @@ def store_kv(
     check_store_args(k, v, kv_cache, slot_mapping)
     if k.shape[0] == 0:
         return
-    grid, args, constexprs = _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale)
+    grid, args, constexprs = _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale, skip_fused)
     with _jit.launching(globals()):
         _store_kv_kernel[grid](*args, **constexprs)
 
