@@ -100,9 +100,11 @@ def _store_kv_kernel(
 def _launch_args(k, v, kv_cache, slot_mapping, k_scale, v_scale, skip_fused=None):
     """(grid, positional args, constexpr kwargs) of one store launch; shapes only, no data."""
     _, _, block_size, kv_heads, head_size = kv_cache.shape
+    # Without skip_fused, placeholders that never change (no new specialisation as the batch does).
     query_start_loc, seq_lens, chunk, short_query_len = skip_fused or (slot_mapping, slot_mapping, 0, 0)
     args = (
-        k, v, kv_cache, slot_mapping, k_scale, v_scale, query_start_loc, seq_lens, seq_lens.shape[0],
+        k, v, kv_cache, slot_mapping, k_scale, v_scale, query_start_loc, seq_lens,
+        seq_lens.shape[0] if chunk else 0,
         *k.stride(), *v.stride(), *kv_cache.stride(),
     )
     constexprs = dict(
