@@ -275,3 +275,29 @@ def test_gluon_prefill_switched_off_by_the_environment():
         env = dict(os.environ, COMPILED_ATTN_GLUON_PREFILL=value)
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert done.stdout.strip() == expected, (value, done.stdout, done.stderr)
+
+
+def test_fused_store_off_by_default_and_switched_on_by_the_environment():
+    import subprocess
+    import sys
+
+    code = "import compiled_attn.kernels.gluon_prefill as gp; print(gp.FUSE_STORE)"
+    for value, expected in ((None, "False"), ("0", "False"), ("1", "True"), ("on", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "COMPILED_ATTN_FUSE_PREFILL_STORE"}
+        if value is not None:
+            env["COMPILED_ATTN_FUSE_PREFILL_STORE"] = value
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert done.stdout.strip() == expected, (value, done.stdout, done.stderr)
+
+
+def test_new_kv_refused_where_no_fused_store_runs(monkeypatch):
+    """``paged_attention(new_kv=...)`` promises that store_kv skipped the kernel's share: where the
+    Gluon kernel does not store it (here: no sm_90 GPU), the call is refused rather than leaving
+    new tokens unstored."""
+    monkeypatch.setattr(gp, "FUSE_STORE", True)
+    b = make_paged([20], [20], heads=4, kv_heads=2, head_size=64, block_size=16, dtype=torch.float16)
+    assert pa_mod.fused_store_plan(b.q, b.k, b.v, b.kv_cache, b.q, max_query_len=20) is None
+    with pytest.raises(ValueError, match="new_kv"):
+        pa_mod.paged_attention(b.q, b.kv_cache, b.meta.query_start_loc, b.meta.seq_lens, b.meta.block_table,
+                               torch.empty_like(b.q), max_query_len=20, scale=0.125, k_scale=b.k_scale,
+                               v_scale=b.v_scale, new_kv=(b.k, b.v))
