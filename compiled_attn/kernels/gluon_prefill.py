@@ -327,16 +327,23 @@ if gluon is not None:
                     chunk.store(gl.where(gl.expand_dims(cols < first_col, 0), x, gl.zeros_like(x)))
 
     @gluon.jit
+    def _cache_row(bt_row_ptr, key, seq_len, PAGE: gl.constexpr):
+        """The cache row holding key ``key`` of the sequence whose block-table row is ``bt_row_ptr``;
+        a key past the sequence (masked by its reader) maps into page 0, never a table entry past the
+        row."""
+        page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
+        return page * PAGE + key % PAGE
+
+    @gluon.jit
     def _load_pages(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N: gl.constexpr, PAGE: gl.constexpr):
         """Keys ``[key0, key0 + BLOCK_N)`` from the cache into ``smem``, landing on ``bar``: one copy
-        of ``BOX = min(PAGE, BLOCK_N)`` rows a page (keys past the sequence, masked, read page 0,
-        never a table entry past the row)."""
+        of ``BOX = min(PAGE, BLOCK_N)`` rows a page."""
         BOX: gl.constexpr = desc.block_type.shape[0]
         mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
-            page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-            tma.async_copy_global_to_shared(desc, [page * PAGE + key % PAGE, kv_col], bar, smem.slice(i * BOX, BOX))
+            tma.async_copy_global_to_shared(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], bar,
+                                            smem.slice(i * BOX, BOX))
 
     @gluon.jit
     def _load_tile(desc, new_desc, smem, bar, bt_row_ptr, key0, seq_len, prefix, new_row, kv_col,
@@ -350,7 +357,9 @@ if gluon is not None:
             mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
             # Tiles of new keys only (all but an item's last) in straight-line copies: a branch
             # around each copy made the producer starve the consumers (1x16384 3,813 -> 4,547 us,
-            # benchmarks/gluon_prefill_fused_store_tile_h100.json).
+            # benchmarks/gluon_prefill_fused_store_tile_h100.json). Only items without a prefix take
+            # this path, so the tests on ``prefix`` always pass; without them ptxas spills more of
+            # the producer's 40 registers (96 stack bytes against 32, sm_90).
             if (key0 >= prefix) & (key0 + BLOCK_N <= seq_len):
                 for i in gl.static_range(BLOCK_N // BOX):
                     tma.async_copy_global_to_shared(new_desc, [new_row + key0 + i * BOX, kv_col], bar,
@@ -362,9 +371,8 @@ if gluon is not None:
                         tma.async_copy_global_to_shared(new_desc, [new_row + key, kv_col], bar,
                                                         smem.slice(i * BOX, BOX))
                     else:
-                        page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-                        tma.async_copy_global_to_shared(desc, [page * PAGE + key % PAGE, kv_col], bar,
-                                                        smem.slice(i * BOX, BOX))
+                        tma.async_copy_global_to_shared(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
+                                                        bar, smem.slice(i * BOX, BOX))
         else:
             _load_pages(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N, PAGE)
 
@@ -377,8 +385,8 @@ if gluon is not None:
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
             if (key >= first_pos) & (key < first_pos + BLOCK_M) & (key + BOX <= seq_len):
-                page = gl.load(bt_row_ptr + key // PAGE)
-                tma.async_copy_shared_to_global(desc, [page * PAGE + key % PAGE, kv_col], smem.slice(i * BOX, BOX))
+                tma.async_copy_shared_to_global(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
+                                                smem.slice(i * BOX, BOX))
 
     @gluon.jit
     def _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
