@@ -123,7 +123,7 @@ def test_gpu_gluon_prefill_stores_the_step(gluon_calls, monkeypatch, name):
     output matches the reference."""
     from compiled_attn.backends.triton import TritonBackend
 
-    monkeypatch.setattr(gp, "FUSE_STORE", True)  # off by default
+    monkeypatch.setattr(gp, "FUSE_STORE", True)  # whatever the environment said
     batch_name, case = CASES[name]
     case = dataclasses.replace(case, batch=batch_name)
     b = case.make("cuda", seed=len(name), batches=BATCHES)
@@ -277,12 +277,12 @@ def test_gluon_prefill_switched_off_by_the_environment():
         assert done.stdout.strip() == expected, (value, done.stdout, done.stderr)
 
 
-def test_fused_store_off_by_default_and_switched_on_by_the_environment():
+def test_fused_store_on_by_default_and_switched_off_by_the_environment():
     import subprocess
     import sys
 
     code = "import compiled_attn.kernels.gluon_prefill as gp; print(gp.FUSE_STORE)"
-    for value, expected in ((None, "False"), ("0", "False"), ("1", "True"), ("on", "True")):
+    for value, expected in ((None, "True"), ("0", "False"), ("off", "False"), ("1", "True")):
         env = {k: v for k, v in os.environ.items() if k != "COMPILED_ATTN_FUSE_PREFILL_STORE"}
         if value is not None:
             env["COMPILED_ATTN_FUSE_PREFILL_STORE"] = value

@@ -73,7 +73,7 @@ class TritonBackend(AttentionBackend):
         from ..kernels.paged_attention import fused_store_plan, paged_attention
         from ..kernels.store_kv import store_kv
 
-        # With gluon_prefill.FUSE_STORE (off by default), a Hopper prefill step's kernel stores the
+        # With gluon_prefill.FUSE_STORE (on unless switched off), a Hopper prefill step's kernel stores the
         # new K/V of its sequences without a cached prefix itself, from the tiles it loads anyway;
         # store_kv writes the rest first.
         fused = fused_store_plan(q, k, v, kv_cache, out, max_query_len=meta.max_query_len,

@@ -88,12 +88,13 @@ SHORT_QUERY_LEN = 64
 # prefix, the attention reads each whole chunk of new tokens from k/v (not the cache), and the
 # producer copies the chunks of each item's own query block from the landed tile into the cache
 # through TMA, once a KV head; store_kv writes only the rest first (a last partial chunk, sequences
-# with a cached prefix, the short sequences). Off unless COMPILED_ATTN_FUSE_PREFILL_STORE=1: the
-# ungated version (every sequence's new tiles from k/v) took the step with its store from 629-631 to
-# 598-604 us at 8x2048 and 3,838-3,854 to 3,697-3,703 at 1x16384, but 2,260-2,265 to 2,379-2,381 on
-# the prefix step (H100, two rounds, benchmarks/gluon_prefill_fused_store_tile_h100.json); this
-# version, which keeps sequences with a prefix on the cache's path, is not timed yet.
-FUSE_STORE = os.environ.get("COMPILED_ATTN_FUSE_PREFILL_STORE", "0").strip().lower() in ("1", "true", "yes", "on")
+# with a cached prefix, the short sequences). On unless COMPILED_ATTN_FUSE_PREFILL_STORE=0 at import.
+# H100, the step with its store, two rounds, store_kv then the kernel -> fused
+# (benchmarks/gluon_prefill_fused_store_gated_ab_h100.json): 8x2048 622-625 -> 593-595 us, 1x16384
+# 3,790-3,808 -> 3,643-3,652, the prefix step (4x2048 over 8192) and a chunk with 64 decodes level
+# (2,240-2,247 / 2,249-2,252; 935-936 / 933). Sequences with a prefix stay on the cache's path: taking
+# their new tiles from k/v too made the prefix step 5% slower (..._fused_store_tile2_h100.json).
+FUSE_STORE = os.environ.get("COMPILED_ATTN_FUSE_PREFILL_STORE", "1").strip().lower() not in ("0", "false", "no", "off")
 LOG2E = 1.4426950408889634
 
 
