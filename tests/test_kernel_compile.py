@@ -132,7 +132,7 @@ def test_compiles_after_an_interpreted_launch(monkeypatch, fp8):
 @pytest.mark.parametrize("head_size,block_size,dtype,fuse_store",
                          [(128, 16, "bfloat16", False), (64, 256, "float16", False), (256, 16, "bfloat16", False),
                           (112, 32, "float16", False), (192, 64, "bfloat16", False), (128, 16, "bfloat16", True),
-                          (256, 64, "float16", True)])
+                          (64, 256, "float16", True), (80, 16, "bfloat16", True)])
 def test_gluon_prefill_compiles_for_sm90(head_size, block_size, dtype, fuse_store):
     """The Hopper Gluon prefill kernel builds with this Triton (its Gluon API moves between releases)
     within an H100's shared memory, each consumer still issuing Q·K^T and P·V together (a wait that
