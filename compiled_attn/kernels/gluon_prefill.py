@@ -348,13 +348,13 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(desc, new_desc, smem, bar, bt_row_ptr, key0, seq_len, prefix, new_row, kv_col,
-                   BLOCK_N: gl.constexpr, PAGE: gl.constexpr, FUSE_STORE: gl.constexpr):
+                   BLOCK_N: gl.constexpr, PAGE: gl.constexpr, FUSE: gl.constexpr):
         """Keys ``[key0, key0 + BLOCK_N)`` into ``smem`` as :func:`_load_pages` loads them. With
-        ``FUSE_STORE``, a chunk of new tokens only (:func:`fused_chunk`) comes from the step's own
-        K/V (``new_desc``, key ``key`` at row ``new_row + key``): this launch stores it, so the
-        cache does not hold it yet."""
+        ``FUSE`` (an item whose new K/V this launch stores), a chunk of new tokens only
+        (:func:`fused_chunk`) comes from the step's own K/V (``new_desc``, key ``key`` at row
+        ``new_row + key``): the cache does not hold it yet."""
         BOX: gl.constexpr = desc.block_type.shape[0]
-        if FUSE_STORE:
+        if FUSE:
             mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
             # Tiles of new keys only (all but an item's last) in straight-line copies: a branch
             # around each copy made the producer starve the consumers (1x16384 3,813 -> 4,547 us,
