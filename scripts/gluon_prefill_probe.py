@@ -37,6 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from compiled_attn.kernels.gluon_prefill import _softmax_tile  # the package's kernel's softmax
+from compiled_attn.kernels.gluon_prefill import tma_load, tma_store
 
 LOG2E = 1.4426950408889634
 
@@ -103,7 +104,7 @@ def _consumer(wg: gl.constexpr, q_smem, k_smem, v_smem, q_bar, k_ready, k_empty,
     # The query tile is no longer read: it stages the output for the TMA store.
     q_smem_wg.store(out)
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [row0 + wg * HALF, col], q_smem_wg)
+    tma_store(o_desc, [row0 + wg * HALF, col], q_smem_wg)
     tma.store_wait(0)
 
 
@@ -117,13 +118,13 @@ def _load_tile(desc, smem, ready, empty, stage, free_phase, j, kv_row, kv_col, b
     mbarrier.wait(empty.index(stage), free_phase)
     mbarrier.expect(ready.index(stage), BLOCK_N * desc.block_type.nbytes // BOX)
     if PAGE == 0:
-        tma.async_copy_global_to_shared(desc, [kv_row + j * BLOCK_N, kv_col], ready.index(stage), smem.index(stage))
+        tma_load(desc, [kv_row + j * BLOCK_N, kv_col], ready.index(stage), smem.index(stage))
     else:
         for i in gl.static_range(BLOCK_N // BOX):
             key = j * BLOCK_N + i * BOX
             # Keys past the sequence (masked anyway) read block 0, never a table entry out of range.
             block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-            tma.async_copy_global_to_shared(desc, [block * PAGE + key % PAGE, kv_col], ready.index(stage),
+            tma_load(desc, [block * PAGE + key % PAGE, kv_col], ready.index(stage),
                                             smem.index(stage).slice(i * BOX, BOX))
 
 
@@ -134,8 +135,8 @@ def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, k_
     """One warp: Q once, then K and V tiles through the ring."""
     HALF: gl.constexpr = q_desc.block_type.shape[0]
     mbarrier.expect(q_bar, 2 * q_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
-    tma.async_copy_global_to_shared(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1))
+    tma_load(q_desc, [q_row, q_col], q_bar, q_smem.index(0))
+    tma_load(q_desc, [q_row + HALF, q_col], q_bar, q_smem.index(1))
     for j in range(n_tiles):
         stage = j % STAGES
         free_phase = ((j // STAGES) & 1) ^ 1  # a fresh barrier's "previous" phase counts as complete

@@ -60,7 +60,7 @@ def test_prefill_tensor_core_pipeline_is_not_serialised(int32_offsets):
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx, tempfile.TemporaryDirectory() as out:
         ptx.write(compiled.asm["ptx"])
         ptx.flush()
-        report = subprocess.run([_aot._tool("ptxas"), "-v", "-arch=sm_90a", ptx.name, "-o", f"{out}/k.cubin"],
+        report = subprocess.run([_aot.ptxas(90), "-v", "-arch=sm_90a", ptx.name, "-o", f"{out}/k.cubin"],
                                 capture_output=True, text=True, check=True)
     assert "C7515" not in report.stdout + report.stderr, report.stdout + report.stderr
 

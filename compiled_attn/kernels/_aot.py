@@ -154,6 +154,16 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
+def ptxas(arch: int = 90) -> str:
+    """The ptxas Triton itself assembles ``arch`` with (Triton 3.9 moved sm_90 to the newer of the
+    two it ships, which reads the PTX version it emits)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        return _tool("ptxas")
+
+
 def _run_on_cubin(compiled, *command: str) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])

@@ -48,6 +48,10 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # TMA copies by their current names (async_load / async_store; Triton 3.9 removed the older ones).
+    tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 except ImportError:  # a Triton without Gluon's Hopper API: the Triton kernel serves every step
     gluon = None
 
@@ -283,7 +287,7 @@ if gluon is not None:
                     tma.store_wait(0)  # this warpgroup's previous store has left the buffer
                     o_smem.index(wg).store(o)
                     fence_async_shared()
-                    tma.async_copy_shared_to_global(o_desc, [tok0 + wg * HALF, head * HD], o_smem.index(wg))
+                    tma_store(o_desc, [tok0 + wg * HALF, head * HD], o_smem.index(wg))
                 else:
                     # Rows past the sequence (the next sequence's tokens, or none) computed
                     # garbage, and so did columns past a padded head: a masked store, so they are
@@ -343,7 +347,7 @@ if gluon is not None:
         mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
-            tma.async_copy_global_to_shared(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], bar,
+            tma_load(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], bar,
                                             smem.slice(i * BOX, BOX))
 
     @gluon.jit
@@ -363,16 +367,16 @@ if gluon is not None:
             # the producer's 40 registers (96 stack bytes against 32, sm_90).
             if (key0 >= prefix) & (key0 + BLOCK_N <= seq_len):
                 for i in gl.static_range(BLOCK_N // BOX):
-                    tma.async_copy_global_to_shared(new_desc, [new_row + key0 + i * BOX, kv_col], bar,
+                    tma_load(new_desc, [new_row + key0 + i * BOX, kv_col], bar,
                                                     smem.slice(i * BOX, BOX))
             else:  # across the prefix's end, or past the sequence's
                 for i in gl.static_range(BLOCK_N // BOX):
                     key = key0 + i * BOX
                     if (key >= prefix) & (key + BOX <= seq_len):
-                        tma.async_copy_global_to_shared(new_desc, [new_row + key, kv_col], bar,
+                        tma_load(new_desc, [new_row + key, kv_col], bar,
                                                         smem.slice(i * BOX, BOX))
                     else:
-                        tma.async_copy_global_to_shared(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
+                        tma_load(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
                                                         bar, smem.slice(i * BOX, BOX))
         else:
             _load_pages(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N, PAGE)
@@ -386,7 +390,7 @@ if gluon is not None:
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
             if (key >= first_pos) & (key < first_pos + BLOCK_M) & (key + BOX <= seq_len):
-                tma.async_copy_shared_to_global(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
+                tma_store(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
                                                 smem.slice(i * BOX, BOX))
 
     @gluon.jit
@@ -464,8 +468,8 @@ if gluon is not None:
                     # (a slot in use holds every KV head's values, so no NaN), V's land in output
                     # columns that are never stored.
                     mbarrier.expect(tail_bar, 2 * q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [tok0, head * HD], tail_bar, q_smem.index(0))
-                    tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * HD], tail_bar, q_smem.index(1))
+                    tma_load(q_desc, [tok0, head * HD], tail_bar, q_smem.index(0))
+                    tma_load(q_desc, [tok0 + HALF, head * HD], tail_bar, q_smem.index(1))
                     mbarrier.wait(tail_bar, tails & 1)
                     tails += 1
                     _zero_columns(q_smem.index(0), HD, HALF)
@@ -474,8 +478,8 @@ if gluon is not None:
                     mbarrier.arrive(q_ready)
                 else:
                     mbarrier.expect(q_ready, 2 * q_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(q_desc, [tok0, head * HD], q_ready, q_smem.index(0))
-                    tma.async_copy_global_to_shared(q_desc, [tok0 + HALF, head * HD], q_ready, q_smem.index(1))
+                    tma_load(q_desc, [tok0, head * HD], q_ready, q_smem.index(0))
+                    tma_load(q_desc, [tok0 + HALF, head * HD], q_ready, q_smem.index(1))
                 if FUSE_STORE and prefix == 0:
                     # Sequences without a cached prefix only: with one, the branches around the
                     # cache's copies cost more than the store saves (benchmarks/
