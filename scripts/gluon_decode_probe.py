@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -38,10 +40,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from compiled_attn.kernels.gluon_prefill import _load_pages as _load_token_major_tile
-from compiled_attn.kernels.gluon_prefill import _zero_tail_rows
+from compiled_attn.kernels.gluon_prefill import _zero_tail_rows, tma_load
 from compiled_attn.split_kv import num_sms
 
 LOG2E = 1.4426950408889634
+# A barrier among one partition's warps (renamed in Triton 3.7).
+_partition_barrier = gl.barrier if hasattr(gl, "barrier") else gl.thread_barrier
 M = gl.constexpr(64)  # rows of a wgmma tile: the G query heads of a KV head, the rest zeros
 
 
@@ -87,7 +91,7 @@ def _load_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kvh, BLOCK_N: gl.cons
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
             page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-            tma.async_copy_global_to_shared(desc, [(page * KVH + kvh) * PAGE + key % PAGE, 0], bar,
+            tma_load(desc, [(page * KVH + kvh) * PAGE + key % PAGE, 0], bar,
                                             smem.slice(i * BOX, BOX))
     else:
         _load_token_major_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kvh * D, BLOCK_N, PAGE)
@@ -248,6 +252,221 @@ def _decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr, cu_t
     ], [1], [PRODUCER_REGS])
 
 
+@gluon.jit
+def _zero_page_tails(tile, tail, PAGE: gl.constexpr, KVH: gl.constexpr):
+    """Zeros into each KV head's rows of tokens ``[tail, PAGE)`` of a head-major page
+    (``[KVH * PAGE, D]``), 8 rows at a time, by one warp."""
+    CHUNK: gl.constexpr = 8
+    COLS: gl.constexpr = min(tile.shape[1], 128)
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [1, 1], [1, 0])
+    for c in gl.static_range(KVH * PAGE // CHUNK):
+        if (c * CHUNK) % PAGE + CHUNK > tail:
+            toks = (c * CHUNK) % PAGE + gl.arange(0, CHUNK, layout=gl.SliceLayout(1, layout))
+            for h in gl.static_range(tile.shape[1] // COLS):
+                chunk = tile.slice(c * CHUNK, CHUNK).slice(h * COLS, COLS, dim=1)
+                x = chunk.load(layout)
+                chunk.store(gl.where(gl.expand_dims(toks < tail, 1), x, gl.zeros_like(x)))
+
+
+@gluon.jit
+def _page_producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, tail_bar, cu_tiles_ptr,
+                   seq_lens_ptr, block_table_ptr, num_seqs, total_tiles, s_bt, KVH: gl.constexpr,
+                   PAGE: gl.constexpr, STAGES: gl.constexpr):
+    """One warp: the program's range of whole head-major pages into the ring, one copy each for K
+    and V; a sequence's last V page has every head's rows past the sequence zeroed."""
+    ROWS: gl.constexpr = KVH * PAGE
+    pid = gl.program_id(0).to(gl.int64)
+    start = (pid * total_tiles // gl.num_programs(0)).to(gl.int32)
+    end = ((pid + 1) * total_tiles // gl.num_programs(0)).to(gl.int32)
+    tile = 0
+    tails = 0
+    t = start
+    seq = _find_seq(cu_tiles_ptr, num_seqs, start, 1)  # later segments: the next sequence
+    while t < end:
+        j0 = t - gl.load(cu_tiles_ptr + seq)
+        count = gl.minimum(end, gl.load(cu_tiles_ptr + seq + 1)) - t
+        seq_len = gl.load(seq_lens_ptr + seq)
+        bt_row_ptr = block_table_ptr + seq.to(gl.int64) * s_bt
+        for i in range(count):
+            j = j0 + i
+            stage = tile % STAGES
+            free_phase = ((tile // STAGES) & 1) ^ 1
+            mbarrier.wait(k_empty.index(stage), free_phase)
+            _load_token_major_tile(k_desc, k_smem.index(stage), k_ready.index(stage), bt_row_ptr, j * ROWS, seq_len,
+                                   0, ROWS, ROWS)
+            mbarrier.wait(v_empty.index(stage), free_phase)
+            tail = seq_len // KVH - j * PAGE
+            if tail < PAGE:
+                _load_token_major_tile(v_desc, v_smem.index(stage), tail_bar, bt_row_ptr, j * ROWS, seq_len, 0,
+                                       ROWS, ROWS)
+                mbarrier.wait(tail_bar, tails & 1)
+                tails += 1
+                _zero_page_tails(v_smem.index(stage), tail, PAGE, KVH)
+                fence_async_shared()
+                mbarrier.arrive(v_ready.index(stage))
+            else:
+                _load_token_major_tile(v_desc, v_smem.index(stage), v_ready.index(stage), bt_row_ptr, j * ROWS,
+                                       seq_len, 0, ROWS, ROWS)
+            tile += 1
+        t += count
+        seq += 1
+
+
+@gluon.jit
+def _page_consumer(q_ptr, out_ptr, part_o_ptr, part_ml_ptr, sem_ptr, k_smem, v_smem, k_ready, k_empty, v_ready,
+                   v_empty, cu_tiles_ptr, seq_lens_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot,
+                   G: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+                   NUM_WARPS: gl.constexpr, EARLY: gl.constexpr, FUSED_MERGE: gl.constexpr):
+    """A warp a KV head (``NUM_WARPS == KVH``): each whole page's 16 keys of its head against its
+    G query heads (rows of a 16-row mma.sync tile, the rest zeros), in registers; results as
+    :func:`_consumer` writes them (``G * KVH`` rows a part). ``EARLY``: the next sequence's query
+    is loaded while this one runs, and a page's K and V leave their slots together, before the
+    math. ``FUSED_MERGE``: the last program to write a part of a sequence merges its parts."""
+    GP: gl.constexpr = 16
+    dtype: gl.constexpr = k_smem.dtype
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[NUM_WARPS, 1, 1],
+                                                  instr_shape=[1, 16, 8])
+    a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
+    b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+    io: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 2, 16], [NUM_WARPS, 1, 1], [2, 1, 0])
+    stat: gl.constexpr = gl.SliceLayout(2, mma)
+    io_stat: gl.constexpr = gl.SliceLayout(2, io)
+    h_io = gl.arange(0, KVH, layout=gl.SliceLayout(1, io_stat))
+    r_io = gl.arange(0, GP, layout=gl.SliceLayout(0, io_stat))
+    c_io = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(1, io)))
+    row_io = gl.expand_dims(h_io, 1) * G + gl.expand_dims(r_io, 0)
+    offs = gl.expand_dims(row_io, 2) * D + gl.expand_dims(gl.expand_dims(c_io, 0), 1)
+    io_mask = (gl.expand_dims(gl.expand_dims(r_io, 0), 2) < G) & (offs >= 0)
+    row_io_mask = (gl.expand_dims(r_io, 0) < G) & (row_io >= 0)
+    h_s = gl.arange(0, KVH, layout=gl.SliceLayout(1, stat))
+    r_s = gl.arange(0, GP, layout=gl.SliceLayout(0, stat))
+    row_s = gl.expand_dims(h_s, 1) * G + gl.expand_dims(r_s, 0)
+    stat_mask = (gl.expand_dims(r_s, 0) < G) & (row_s >= 0)
+    page_keys = gl.arange(0, PAGE, layout=gl.SliceLayout(0, gl.SliceLayout(1, mma)))
+    zero_s = gl.zeros([KVH, GP, PAGE], gl.float32, layout=mma)
+    num_programs = gl.num_programs(0)
+    pid = gl.program_id(0).to(gl.int64)
+    start = (pid * total_tiles // num_programs).to(gl.int32)
+    end = ((pid + 1) * total_tiles // num_programs).to(gl.int32)
+    tile = 0
+    t = start
+    seq = _find_seq(cu_tiles_ptr, num_seqs, start, 1)  # later segments: the next sequence
+    q = gl.load(q_ptr + seq.to(gl.int64) * s_qt + offs, mask=io_mask & EARLY, other=0.0)
+    while t < end:
+        first = gl.load(cu_tiles_ptr + seq)
+        seq_end = gl.load(cu_tiles_ptr + seq + 1)
+        j0 = t - first
+        count = gl.minimum(end, seq_end) - t
+        whole = (j0 == 0) & (seq_end <= end)
+        true_len = gl.load(seq_lens_ptr + seq) // KVH
+        if not EARLY:
+            q = gl.load(q_ptr + seq.to(gl.int64) * s_qt + offs, mask=io_mask, other=0.0)
+        q_op = gl.convert_layout(q, a_op)
+        if EARLY:  # the next segment's query (its sequence, if any, is the next one)
+            q = gl.load(q_ptr + (seq + 1).to(gl.int64) * s_qt + offs, mask=io_mask & (t + count < end), other=0.0)
+        m_i = gl.full([KVH, GP], float("-inf"), gl.float32, layout=stat)
+        l_i = gl.zeros([KVH, GP], gl.float32, layout=stat)
+        acc = gl.zeros([KVH, GP, D], gl.float32, layout=mma)
+        for i in range(count):
+            j = j0 + i
+            stage = tile % STAGES
+            phase = (tile // STAGES) & 1
+            mbarrier.wait(k_ready.index(stage), phase)
+            k_t = k_smem.index(stage).reshape([KVH, PAGE, D]).permute((0, 2, 1)).load(b_op)
+            if EARLY:
+                mbarrier.wait(v_ready.index(stage), phase)
+                v = v_smem.index(stage).reshape([KVH, PAGE, D]).load(b_op)
+                _partition_barrier()  # every warp's reads before the slots are released
+                mbarrier.arrive(k_empty.index(stage))
+                mbarrier.arrive(v_empty.index(stage))
+            else:
+                _partition_barrier()
+                mbarrier.arrive(k_empty.index(stage))
+            s = mma_v2(q_op, k_t, zero_s)
+            if (j + 1) * PAGE > true_len:
+                keys = j * PAGE + page_keys
+                s = gl.where(gl.expand_dims(gl.expand_dims(keys < true_len, 0), 1), s, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(s, 2) * qk_scale)
+            p = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 2))
+            alpha = gl.exp2(m_i - m_new)
+            l_i = l_i * alpha + gl.sum(p, 2)
+            m_i = m_new
+            if not EARLY:
+                mbarrier.wait(v_ready.index(stage), phase)
+                v = v_smem.index(stage).reshape([KVH, PAGE, D]).load(b_op)
+                _partition_barrier()
+                mbarrier.arrive(v_empty.index(stage))
+            acc = mma_v2(gl.convert_layout(p.to(dtype), a_op), v, acc * gl.expand_dims(alpha, 2))
+            tile += 1
+        if whole:
+            o = gl.convert_layout((acc / gl.expand_dims(l_i, 2)).to(dtype), io)
+            gl.store(out_ptr + seq.to(gl.int64) * s_ot + offs, o, mask=io_mask)
+        else:
+            slot = (pid * 2 + (t != start).to(gl.int64)) * (KVH * G)
+            gl.store(part_o_ptr + slot * D + offs, gl.convert_layout(acc, io), mask=io_mask)
+            gl.store(part_ml_ptr + (slot + row_s) * 2, m_i, mask=stat_mask)
+            gl.store(part_ml_ptr + (slot + row_s) * 2 + 1, l_i, mask=stat_mask)
+            if FUSED_MERGE:
+                _partition_barrier()  # every warp's part is written before the program counts itself
+                arrived = gl.atomic_add(sem_ptr + seq, 1, sem="acq_rel", scope="gpu")
+                ts = first.to(gl.int64)
+                p_lo = ((ts + 1) * num_programs - 1) // total_tiles
+                p_hi = ((seq_end.to(gl.int64)) * num_programs - 1) // total_tiles
+                if arrived == p_hi - p_lo:
+                    m = gl.full([KVH, GP], float("-inf"), gl.float32, layout=io_stat)
+                    l = gl.zeros([KVH, GP], gl.float32, layout=io_stat)
+                    o_acc = gl.zeros([KVH, GP, D], gl.float32, layout=io)
+                    for pp in range(p_lo, p_hi + 1):
+                        later = (pp == p_lo) & (pp * total_tiles // num_programs < ts)
+                        part = (pp * 2 + later.to(gl.int64)) * (KVH * G)
+                        m_p = gl.load(part_ml_ptr + (part + row_io) * 2, mask=row_io_mask, other=float("-inf"))
+                        l_p = gl.load(part_ml_ptr + (part + row_io) * 2 + 1, mask=row_io_mask, other=0.0)
+                        o_p = gl.load(part_o_ptr + part * D + offs, mask=io_mask, other=0.0)
+                        m_new = gl.maximum(gl.maximum(m, m_p), -1e30)
+                        a = gl.exp2(m - m_new)
+                        b = gl.exp2(m_p - m_new)
+                        o_acc = o_acc * gl.expand_dims(a, 2) + o_p * gl.expand_dims(b, 2)
+                        l = l * a + l_p * b
+                        m = m_new
+                    o = (o_acc / gl.expand_dims(gl.where(l == 0.0, 1.0, l), 2)).to(dtype)
+                    gl.store(out_ptr + seq.to(gl.int64) * s_ot + offs, o, mask=io_mask)
+                    gl.atomic_xchg(sem_ptr + seq, 0)
+        t += count
+        seq += 1
+
+
+@gluon.jit
+def _page_decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr, cu_tiles_ptr, seq_lens_ptr,
+                        block_table_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot, s_bt, sem_ptr, G: gl.constexpr,
+                        KVH: gl.constexpr, D: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+                        PRODUCER_REGS: gl.constexpr, NUM_WARPS: gl.constexpr, EARLY: gl.constexpr,
+                        FUSED_MERGE: gl.constexpr):
+    """Whole head-major pages (every KV head's 16 keys in one 32 KB copy), the math in mma.sync
+    tiles a KV head, a warp each: the probe of the kernel a page-reading decode would be."""
+    ROWS: gl.constexpr = KVH * PAGE
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, ROWS, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, ROWS, D], v_desc.layout)
+    tail_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(tail_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=1)
+        mbarrier.init(v_empty.index(i), count=1)
+    gl.warp_specialize([
+        (_page_consumer, (q_ptr, out_ptr, part_o_ptr, part_ml_ptr, sem_ptr, k_smem, v_smem, k_ready, k_empty,
+                          v_ready, v_empty, cu_tiles_ptr, seq_lens_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot,
+                          G, KVH, D, PAGE, STAGES, NUM_WARPS, EARLY, FUSED_MERGE)),
+        (_page_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, tail_bar,
+                          cu_tiles_ptr, seq_lens_ptr, block_table_ptr, num_seqs, total_tiles, s_bt, KVH, PAGE,
+                          STAGES)),
+    ], [1], [PRODUCER_REGS])
+
+
 @triton.jit
 def _merge_parts(part_o_ptr, part_ml_ptr, out_ptr, cu_tiles_ptr, total_tiles, num_programs, s_ot,
                  KVH: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr):
@@ -300,6 +519,15 @@ VARIANTS = {
     "whole pages s3": dict(block_n=128, stages=3, whole_pages=True),
     "whole pages s2 loads only": dict(block_n=128, stages=2, compute=False, whole_pages=True),
     "whole pages s3 loads only": dict(block_n=128, stages=3, compute=False, whole_pages=True),
+    # Head-major pages read whole, each KV head's keys of a page against its query heads in mma.sync
+    # tiles of 16 rows, a warp a KV head: a quarter of the products of one 64-row wgmma tile over the
+    # page, and no product across heads.
+    "page mma s2": dict(block_n=128, stages=2, whole_pages=True, page_mma=True),
+    "page mma s3": dict(block_n=128, stages=3, whole_pages=True, page_mma=True),
+    "page mma early s2": dict(block_n=128, stages=2, whole_pages=True, page_mma=True, early=True),
+    "page mma early fused s2": dict(block_n=128, stages=2, whole_pages=True, page_mma=True, early=True,
+                                    fused_merge=True),
+    "page mma fused s2": dict(block_n=128, stages=2, whole_pages=True, page_mma=True, fused_merge=True),
 }
 # Cache memory orders: (head-major pages, each sequence's pages in order). The last is laid out as a
 # dense cache is, [KV head, context, D] runs of one sequence.
@@ -315,11 +543,21 @@ class GluonDecode:
 
     def __init__(self, q, kv_cache, seq_lens_cpu: list[int], block_table, out, *, block_n: int = 128,
                  stages: int = 3, programs_per_sm: int = 1, compute: bool = True, producer_regs: int = 40,
-                 whole_pages: bool = False):
+                 whole_pages: bool = False, page_mma: bool = False, early: bool = False, fused_merge: bool = False):
         num_seqs, heads, d = q.shape
         _, blocks, page, kvh, _ = kv_cache.shape
         page_kvh = kvh if whole_pages else 0
-        if whole_pages:  # one "KV head" of page * kvh rows a page, as many rows a sequence
+        self.page_mma = page_mma
+        if page_mma:  # head-major pages read whole: [KVH, PAGE, D] in one copy
+            by_head = kv_cache.permute(0, 1, 3, 2, 4)
+            assert page * kvh == block_n and by_head.is_contiguous(), "head-major pages"
+            page_constexprs = dict(G=heads // kvh, KVH=kvh, D=d, PAGE=page, STAGES=stages,
+                                   PRODUCER_REGS=producer_regs, NUM_WARPS=kvh, num_warps=kvh, EARLY=early,
+                                   FUSED_MERGE=fused_merge)
+            kv_cache = by_head.reshape(2, blocks, page * kvh, 1, d)
+            seq_lens_cpu = [n * kvh for n in seq_lens_cpu]
+            page, kvh = page * kvh, 1
+        elif whole_pages:  # one "KV head" of page * kvh rows a page, as many rows a sequence
             assert page * kvh == block_n and kv_cache.is_contiguous(), "token-major pages"
             kv_cache = kv_cache.view(2, blocks, page * kvh, 1, d)
             seq_lens_cpu = [n * kvh for n in seq_lens_cpu]
@@ -353,20 +591,26 @@ class GluonDecode:
                      num_seqs, self.total, d ** -0.5 * LOG2E, q.stride(0), out.stride(0), block_table.stride(0))
         self.constexprs = dict(G=g, KVH=kvh, D=d, BLOCK_N=block_n, PAGE=page, STAGES=stages, HEAD_MAJOR=head_major,
                                COMPUTE=compute, PAGE_KVH=page_kvh, PRODUCER_REGS=producer_regs, num_warps=4)
+        if page_mma:
+            self.sem = torch.zeros(num_seqs, dtype=torch.int32, device=dev)
+            self.args = self.args + (self.sem, )
+            self.constexprs = page_constexprs
+        self.fused_merge = fused_merge
         self.merge_args = (self.part_o, self.part_ml, out, self.cu_tiles, self.total, self.programs, out.stride(0))
         self.merge_grid = (num_seqs * kvh,)
         self.merge_constexprs = dict(KVH=kvh, G=g, GP=max(2, triton.next_power_of_2(g)), D=d, num_warps=4)
         self.compute = compute
 
     def attention(self) -> None:
-        _decode_kernel[(self.programs,)](*self.args, **self.constexprs)
+        kernel = _page_decode_kernel if self.page_mma else _decode_kernel
+        kernel[(self.programs,)](*self.args, **self.constexprs)
 
     def merge(self) -> None:
         _merge_parts[self.merge_grid](*self.merge_args, **self.merge_constexprs)
 
     def __call__(self) -> None:
         self.attention()
-        if self.compute:
+        if self.compute and not self.fused_merge:
             self.merge()
 
 
@@ -377,9 +621,12 @@ def compile_sm90(name: str = "n128_s2", page: int = 16):
 
     q = torch.empty(4, 32, 128, dtype=torch.bfloat16)
     cache = torch.empty(2, 64, page, 8, 128, dtype=torch.bfloat16)
+    if VARIANTS[name].get("page_mma"):
+        cache = torch.empty(2, 64, 8, page, 128, dtype=torch.bfloat16).transpose(2, 3)
     table = torch.zeros(4, 16, dtype=torch.int32)
     probe = GluonDecode(q, cache, [4 * page] * 4, table, torch.empty_like(q), **VARIANTS[name])
-    return _aot.compile_gluon(_decode_kernel, probe.args, probe.constexprs)
+    kernel = _page_decode_kernel if probe.page_mma else _decode_kernel
+    return _aot.compile_gluon(kernel, probe.args, probe.constexprs)
 
 
 def run(cases: list[str], variants: list[str], layouts: list[str], rounds: int) -> list[dict]:
@@ -453,7 +700,8 @@ def _run_workload(w, variants: list[str], rounds: int, label: dict) -> list[dict
         contenders[f"gluon {name}"] = lambda probes=probes: [p() for p in probes]
         if VARIANTS[name].get("compute", True):
             checked.add(f"gluon {name}")
-            contenders[f"gluon {name} (no merge)"] = lambda probes=probes: [p.attention() for p in probes]
+            if not VARIANTS[name].get("fused_merge"):
+                contenders[f"gluon {name} (no merge)"] = lambda probes=probes: [p.attention() for p in probes]
     for r in range(rounds):
         for name, fn in contenders.items():
             row = dict(label, contender=name, round=r)
@@ -482,7 +730,8 @@ def main() -> None:
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
-    rows = run(args.cases.split(","), args.variants.split(","), args.layouts.split(","), args.rounds)
+    cases = re.split(r",(?![^\[]*\])", args.cases)  # commas inside a case's brackets are its own
+    rows = run(cases, args.variants.split(","), args.layouts.split(","), args.rounds)
     Path(args.json).write_text(json.dumps(dict(
         card=torch.cuda.get_device_name(), triton=triton.__version__, torch=torch.__version__,
         command="python scripts/gluon_decode_probe.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items()

@@ -165,13 +165,18 @@ def test_gluon_prefill_probe_kernels_build_for_sm90(variant):
     assert set(other) == {"launch_args", "_prefill_kernel"} and other["launch_args"] is not gluon_prefill.launch_args
 
 
-@pytest.mark.parametrize("variant", ["n128_s2", "n64_s4 loads only", "whole pages s2"])
+@pytest.mark.parametrize("variant", ["n128_s2", "n64_s4 loads only", "whole pages s2", "page mma early fused s2"])
 def test_gluon_decode_probe_kernels_build_for_sm90(variant):
     """The streamed Gluon decode probe (GPU only) builds for sm_90 with this Triton, within the
-    H100's shared memory; its load-only variant issues no tensor-core work."""
+    H100's shared memory; its load-only variant issues no tensor-core work, and the page-reading
+    one's math is mma.sync tiles (a warp a KV head), not wgmma."""
     pytest.importorskip("triton.experimental.gluon.language.nvidia.hopper", reason="needs Gluon's Hopper API")
     import gluon_decode_probe as probe
 
     compiled = probe.compile_sm90(variant)
+    ptx = compiled.asm["ptx"]
     assert compiled.asm["cubin"] and compiled.metadata.shared <= 227 * 1024
-    assert ("wgmma.mma_async" in compiled.asm["ptx"]) == probe.VARIANTS[variant].get("compute", True)
+    if probe.VARIANTS[variant].get("page_mma"):
+        assert "mma.sync" in ptx and "wgmma.mma_async" not in ptx and "atom.global" in ptx
+    else:
+        assert ("wgmma.mma_async" in ptx) == probe.VARIANTS[variant].get("compute", True)
