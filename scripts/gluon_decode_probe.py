@@ -91,8 +91,7 @@ def _load_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kvh, BLOCK_N: gl.cons
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
             page = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-            tma_load(desc, [(page * KVH + kvh) * PAGE + key % PAGE, 0], bar,
-                                            smem.slice(i * BOX, BOX))
+            tma_load(desc, [(page * KVH + kvh) * PAGE + key % PAGE, 0], bar, smem.slice(i * BOX, BOX))
     else:
         _load_token_major_tile(desc, smem, bar, bt_row_ptr, key0, seq_len, kvh * D, BLOCK_N, PAGE)
 

@@ -125,7 +125,7 @@ def _load_tile(desc, smem, ready, empty, stage, free_phase, j, kv_row, kv_col, b
             # Keys past the sequence (masked anyway) read block 0, never a table entry out of range.
             block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
             tma_load(desc, [block * PAGE + key % PAGE, kv_col], ready.index(stage),
-                                            smem.index(stage).slice(i * BOX, BOX))
+                     smem.index(stage).slice(i * BOX, BOX))
 
 
 @gluon.jit

@@ -347,8 +347,7 @@ if gluon is not None:
         mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
-            tma_load(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], bar,
-                                            smem.slice(i * BOX, BOX))
+            tma_load(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], bar, smem.slice(i * BOX, BOX))
 
     @gluon.jit
     def _load_tile(desc, new_desc, smem, bar, bt_row_ptr, key0, seq_len, prefix, new_row, kv_col,
@@ -367,17 +366,15 @@ if gluon is not None:
             # the producer's 40 registers (96 stack bytes against 32, sm_90).
             if (key0 >= prefix) & (key0 + BLOCK_N <= seq_len):
                 for i in gl.static_range(BLOCK_N // BOX):
-                    tma_load(new_desc, [new_row + key0 + i * BOX, kv_col], bar,
-                                                    smem.slice(i * BOX, BOX))
+                    tma_load(new_desc, [new_row + key0 + i * BOX, kv_col], bar, smem.slice(i * BOX, BOX))
             else:  # across the prefix's end, or past the sequence's
                 for i in gl.static_range(BLOCK_N // BOX):
                     key = key0 + i * BOX
                     if (key >= prefix) & (key + BOX <= seq_len):
-                        tma_load(new_desc, [new_row + key, kv_col], bar,
-                                                        smem.slice(i * BOX, BOX))
+                        tma_load(new_desc, [new_row + key, kv_col], bar, smem.slice(i * BOX, BOX))
                     else:
                         tma_load(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
-                                                        bar, smem.slice(i * BOX, BOX))
+                                 bar, smem.slice(i * BOX, BOX))
         else:
             _load_pages(desc, smem, bar, bt_row_ptr, key0, seq_len, kv_col, BLOCK_N, PAGE)
 
@@ -390,8 +387,7 @@ if gluon is not None:
         for i in gl.static_range(BLOCK_N // BOX):
             key = key0 + i * BOX
             if (key >= first_pos) & (key < first_pos + BLOCK_M) & (key + BOX <= seq_len):
-                tma_store(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col],
-                                                smem.slice(i * BOX, BOX))
+                tma_store(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], smem.slice(i * BOX, BOX))
 
     @gluon.jit
     def _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
