@@ -15,6 +15,10 @@ heads of the KV head (``G`` rows of a 64-row wgmma tile), and runs each tile's Q
 P·V. The benchmark's decode shapes run beside our backends and dense cuDNN SDPA in the same process,
 on the benchmark's own workloads (graph-replayed, pools over L2), each output checked against the
 ``reference`` backend's.
+
+The ``page mma`` variants (:func:`_page_decode_kernel`, head-major caches) deal whole pages instead:
+one TMA copy a page for K and one for V, every KV head's 16 keys at once, and eight consumer warps,
+one a KV head, each running its query heads against its keys in ``mma.sync`` tiles of 16 rows.
 """
 
 from __future__ import annotations
