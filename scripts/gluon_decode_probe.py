@@ -225,15 +225,12 @@ def _consumer(q_ptr, out_ptr, part_o_ptr, part_ml_ptr, q_smem, k_smem, v_smem, k
 
 
 @gluon.jit
-def _decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr, cu_tiles_ptr, seq_lens_ptr,
-                   block_table_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot, s_bt, G: gl.constexpr,
-                   KVH: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
-                   STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr, COMPUTE: gl.constexpr,
-                   PAGE_KVH: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, D], k_desc.dtype)
-    q_smem = gl.allocate_shared_memory(k_desc.dtype, [M, D], q_layout)
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, BLOCK_N, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, BLOCK_N, D], v_desc.layout)
+def _kv_ring(k_desc, v_desc, ROWS: gl.constexpr, D: gl.constexpr, STAGES: gl.constexpr):
+    """The K/V ring of a decode kernel: ``STAGES`` slots of ``ROWS`` rows each for K and V, their
+    ready and empty barriers (one producer, one consumer partition), and the barrier a tail tile
+    lands on before its rows past the sequence are zeroed."""
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, ROWS, D], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, ROWS, D], v_desc.layout)
     tail_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -245,6 +242,18 @@ def _decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr, cu_t
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(k_empty.index(i), count=1)
         mbarrier.init(v_empty.index(i), count=1)
+    return k_smem, v_smem, tail_bar, k_ready, k_empty, v_ready, v_empty
+
+
+@gluon.jit
+def _decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr, cu_tiles_ptr, seq_lens_ptr,
+                   block_table_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot, s_bt, G: gl.constexpr,
+                   KVH: gl.constexpr, D: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+                   STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr, COMPUTE: gl.constexpr,
+                   PAGE_KVH: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([M, D], k_desc.dtype)
+    q_smem = gl.allocate_shared_memory(k_desc.dtype, [M, D], q_layout)
+    k_smem, v_smem, tail_bar, k_ready, k_empty, v_ready, v_empty = _kv_ring(k_desc, v_desc, BLOCK_N, D, STAGES)
     gl.warp_specialize([
         (_consumer, (q_ptr, out_ptr, part_o_ptr, part_ml_ptr, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
                      v_empty, cu_tiles_ptr, seq_lens_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot, G, KVH, D,
@@ -447,19 +456,7 @@ def _page_decode_kernel(q_ptr, k_desc, v_desc, out_ptr, part_o_ptr, part_ml_ptr,
     """Whole head-major pages (every KV head's 16 keys in one 32 KB copy), the math in mma.sync
     tiles a KV head, a warp each: the probe of the kernel a page-reading decode would be."""
     ROWS: gl.constexpr = KVH * PAGE
-    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES, ROWS, D], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES, ROWS, D], v_desc.layout)
-    tail_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(tail_bar, count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=1)
-        mbarrier.init(v_empty.index(i), count=1)
+    k_smem, v_smem, tail_bar, k_ready, k_empty, v_ready, v_empty = _kv_ring(k_desc, v_desc, ROWS, D, STAGES)
     gl.warp_specialize([
         (_page_consumer, (q_ptr, out_ptr, part_o_ptr, part_ml_ptr, sem_ptr, k_smem, v_smem, k_ready, k_empty,
                           v_ready, v_empty, cu_tiles_ptr, seq_lens_ptr, num_seqs, total_tiles, qk_scale, s_qt, s_ot,
