@@ -4,7 +4,8 @@
 #   scripts/gpu_run.sh "[tests] [tune] [bench] [model] | all" [extra pytest args...]
 # Several steps in one call run in that order (scripts/gpu_run.sh "tests tune"). Environment:
 # TUNE_BUDGET_S / TUNE_ARGS (scripts/tune_kernels.py), BENCH_TIMEOUT_S (each benchmark run),
-# MODEL_ARGS (compiled-attn bench-model).
+# BENCH_PAGES (the page sizes to bench, default "16 256"), BENCH_ARGS (added to each bench run,
+# e.g. "--rounds 3"), MODEL_ARGS (compiled-attn bench-model).
 # bench: pages of 16 (our kernels, fp8 too) and of 256 (where flash-attn and xFormers can join).
 # xformers 0.0.35's extension does not load under this torch; its Triton kernels still run once
 # the package is told CUDA works -- done here, in the harness, never in the library.
@@ -37,9 +38,14 @@ if wants tune; then
   python3 scripts/tune_kernels.py --json "$OUT/tune.json" --budget-s "${TUNE_BUDGET_S:-240}" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.log" || status=1
 fi
 if wants bench; then
-  # BENCH_TIMEOUT_S bounds each of the two runs (0 = none); rows are saved after every case.
-  timeout "${BENCH_TIMEOUT_S:-0}" python3 -m compiled_attn bench --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" || status=1
-  timeout "${BENCH_TIMEOUT_S:-0}" python3 - "$OUT/bench_page256.json" <<'PY' 2>&1 | tee "$OUT/bench_page256.log" || status=1
+  # BENCH_TIMEOUT_S bounds each run (0 = none); rows are saved after every case.
+  pages=" ${BENCH_PAGES:-16 256} "
+  if [[ "$pages" == *" 16 "* ]]; then
+    timeout "${BENCH_TIMEOUT_S:-0}" python3 -m compiled_attn bench --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 \
+      | tee "$OUT/bench.log" || status=1
+  fi
+  if [[ "$pages" == *" 256 "* ]]; then
+    timeout "${BENCH_TIMEOUT_S:-0}" python3 - "$OUT/bench_page256.json" ${BENCH_ARGS:-} <<'PY' 2>&1 | tee "$OUT/bench_page256.log" || status=1
 import sys
 try:
     import xformers.ops.fmha.common as common
@@ -47,8 +53,9 @@ try:
 except ImportError:
     pass
 from compiled_attn.cli import main
-sys.exit(main(["bench", "--block-size", "256", "--no-fp8", "--no-flex", "--json", sys.argv[1]]))
+sys.exit(main(["bench", "--block-size", "256", "--no-fp8", "--no-flex", "--json", *sys.argv[1:]]))
 PY
+  fi
 fi
 if wants model; then
   timeout "${BENCH_TIMEOUT_S:-0}" python3 -m compiled_attn bench-model --json "$OUT/bench_model.json" ${MODEL_ARGS:-} 2>&1 | tee "$OUT/bench_model.log" || status=1

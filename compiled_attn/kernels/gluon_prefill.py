@@ -350,12 +350,13 @@ if gluon is not None:
             tma_load(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], bar, smem.slice(i * BOX, BOX))
 
     @gluon.jit
-    def _load_tile(desc, new_desc, smem, bar, bt_row_ptr, key0, seq_len, prefix, new_row, kv_col,
+    def _load_tile(desc, new_desc, new_tile_desc, smem, bar, bt_row_ptr, key0, seq_len, prefix, new_row, kv_col,
                    BLOCK_N: gl.constexpr, PAGE: gl.constexpr, FUSE: gl.constexpr):
         """Keys ``[key0, key0 + BLOCK_N)`` into ``smem`` as :func:`_load_pages` loads them. With
         ``FUSE`` (an item whose new K/V this launch stores), a chunk of new tokens only
         (:func:`fused_chunk`) comes from the step's own K/V (``new_desc``, key ``key`` at row
-        ``new_row + key``): the cache does not hold it yet."""
+        ``new_row + key``): the cache does not hold it yet; a tile of new tokens only comes in one
+        copy (``new_tile_desc``), the step's K/V being contiguous where the cache's pages are not."""
         BOX: gl.constexpr = desc.block_type.shape[0]
         if FUSE:
             mbarrier.expect(bar, BLOCK_N * desc.block_type.nbytes // BOX)
@@ -365,8 +366,7 @@ if gluon is not None:
             # this path, so the tests on ``prefix`` always pass; without them ptxas spills more of
             # the producer's 40 registers (96 stack bytes against 32, sm_90).
             if (key0 >= prefix) & (key0 + BLOCK_N <= seq_len):
-                for i in gl.static_range(BLOCK_N // BOX):
-                    tma_load(new_desc, [new_row + key0 + i * BOX, kv_col], bar, smem.slice(i * BOX, BOX))
+                tma_load(new_tile_desc, [new_row + key0, kv_col], bar, smem)
             else:  # across the prefix's end, or past the sequence's
                 for i in gl.static_range(BLOCK_N // BOX):
                     key = key0 + i * BOX
@@ -390,10 +390,11 @@ if gluon is not None:
                 tma_store(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], smem.slice(i * BOX, BOX))
 
     @gluon.jit
-    def _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty,
-                       tail_bar, tails, tile, n_tiles, bt_row_ptr, head, first_pos, seq_len, prefix, new_row, kv_col,
-                       H: gl.constexpr, KVH: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                       PAGE: gl.constexpr, STAGES: gl.constexpr, FUSE: gl.constexpr, FUSED_BUILD: gl.constexpr):
+    def _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_tile_desc, v_tile_desc, k_smem, v_smem, k_ready,
+                       k_empty, v_ready, v_empty, tail_bar, tails, tile, n_tiles, bt_row_ptr, head, first_pos,
+                       seq_len, prefix, new_row, kv_col, H: gl.constexpr, KVH: gl.constexpr, BLOCK_M: gl.constexpr,
+                       BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, FUSE: gl.constexpr,
+                       FUSED_BUILD: gl.constexpr):
         """An item's K and V tiles into ring slots both consumers freed (``FUSE``: new keys from k/v,
         and the item's share of them copied into the cache; ``FUSED_BUILD``: some items' copies may
         still be reading a slot); returns the ``tail_bar`` phase count."""
@@ -403,8 +404,8 @@ if gluon is not None:
             mbarrier.wait(k_empty.index(stage), free_phase)
             if FUSED_BUILD:
                 tma.store_wait(0)  # the stores from this slot (an earlier tile's) have read it
-            _load_tile(k_desc, k_new_desc, k_smem.index(stage), k_ready.index(stage), bt_row_ptr, j * BLOCK_N,
-                       seq_len, prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
+            _load_tile(k_desc, k_new_desc, k_tile_desc, k_smem.index(stage), k_ready.index(stage), bt_row_ptr,
+                       j * BLOCK_N, seq_len, prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
             mbarrier.wait(v_empty.index(stage), free_phase)
             # A tile that reaches past the sequence (an item's last) lands on tail_bar
             # first, so the rows past the sequence can be zeroed before the consumers see
@@ -412,15 +413,15 @@ if gluon is not None:
             # hold anything.
             tail = seq_len - j * BLOCK_N
             if tail < BLOCK_N:
-                _load_tile(v_desc, v_new_desc, v_smem.index(stage), tail_bar, bt_row_ptr, j * BLOCK_N, seq_len,
-                           prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
+                _load_tile(v_desc, v_new_desc, v_tile_desc, v_smem.index(stage), tail_bar, bt_row_ptr, j * BLOCK_N,
+                           seq_len, prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
                 mbarrier.wait(tail_bar, tails & 1)
                 tails += 1
                 _zero_tail_rows(v_smem.index(stage), tail, BLOCK_N)
                 fence_async_shared()  # the zeros before the consumers' (async-proxy) reads
                 mbarrier.arrive(v_ready.index(stage))
             else:
-                _load_tile(v_desc, v_new_desc, v_smem.index(stage), v_ready.index(stage), bt_row_ptr,
+                _load_tile(v_desc, v_new_desc, v_tile_desc, v_smem.index(stage), v_ready.index(stage), bt_row_ptr,
                            j * BLOCK_N, seq_len, prefix, new_row, kv_col, BLOCK_N, PAGE, FUSE)
             if FUSE:
                 # The new chunks of the block's own keys go to the cache from the landed tile,
@@ -437,11 +438,11 @@ if gluon is not None:
         return tails
 
     @gluon.jit
-    def _producer(q_desc, k_desc, v_desc, k_new_desc, v_new_desc, q_smem, k_smem, v_smem, q_ready, q_empty, k_ready,
-                  k_empty, v_ready, v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs,
-                  num_q_blocks, s_bt, H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, HD: gl.constexpr,
-                  BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
-                  SHORT_QUERY_LEN: gl.constexpr, FUSE_STORE: gl.constexpr):
+    def _producer(q_desc, k_desc, v_desc, k_new_desc, v_new_desc, k_tile_desc, v_tile_desc, q_smem, k_smem, v_smem,
+                  q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr,
+                  block_table_ptr, num_seqs, num_q_blocks, s_bt, H: gl.constexpr, KVH: gl.constexpr,
+                  D: gl.constexpr, HD: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr,
+                  STAGES: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr, FUSE_STORE: gl.constexpr):
         """One warp: for each work item its query tile (once the consumers are done with the last
         one), then each K and V tile into a ring slot both consumers freed. A fresh barrier's
         previous phase counts as complete, hence the ``^ 1`` on the waits for free slots."""
@@ -480,27 +481,27 @@ if gluon is not None:
                     # Sequences without a cached prefix only: with one, the branches around the
                     # cache's copies cost more than the store saves (benchmarks/
                     # gluon_prefill_fused_store_tile_h100.json); store_kv stores those.
-                    tails = _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty,
-                                           v_ready, v_empty, tail_bar, tails, tile, n_tiles, bt_row_ptr, head,
-                                           first_pos, seq_len, prefix, new_row, kv_col, H, KVH, BLOCK_M, BLOCK_N,
-                                           PAGE, STAGES, True, FUSE_STORE)
+                    tails = _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_tile_desc, v_tile_desc, k_smem,
+                                           v_smem, k_ready, k_empty, v_ready, v_empty, tail_bar, tails, tile, n_tiles,
+                                           bt_row_ptr, head, first_pos, seq_len, prefix, new_row, kv_col, H, KVH,
+                                           BLOCK_M, BLOCK_N, PAGE, STAGES, True, FUSE_STORE)
                 else:
-                    tails = _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_smem, v_smem, k_ready, k_empty,
-                                           v_ready, v_empty, tail_bar, tails, tile, n_tiles, bt_row_ptr, head,
-                                           first_pos, seq_len, prefix, new_row, kv_col, H, KVH, BLOCK_M, BLOCK_N,
-                                           PAGE, STAGES, False, FUSE_STORE)
+                    tails = _produce_tiles(k_desc, v_desc, k_new_desc, v_new_desc, k_tile_desc, v_tile_desc, k_smem,
+                                           v_smem, k_ready, k_empty, v_ready, v_empty, tail_bar, tails, tile, n_tiles,
+                                           bt_row_ptr, head, first_pos, seq_len, prefix, new_row, kv_col, H, KVH,
+                                           BLOCK_M, BLOCK_N, PAGE, STAGES, False, FUSE_STORE)
                 tile += n_tiles
                 done += 1
         if FUSE_STORE:
             tma.store_wait(0)  # the tiles must outlive the copies
 
     @gluon.jit
-    def _prefill_kernel(q_desc, k_desc, v_desc, k_new_desc, v_new_desc, o_desc, out_ptr, query_start_loc_ptr,
-                        seq_lens_ptr, block_table_ptr, num_seqs, num_tokens, qk_scale, s_ot, s_oh, s_bt,
-                        H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, HD: gl.constexpr, BLOCK_M: gl.constexpr,
-                        BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, TMA_STORE: gl.constexpr,
-                        SHORT_QUERY_LEN: gl.constexpr, FUSE_STORE: gl.constexpr, PRODUCER_REGS: gl.constexpr,
-                        CONSUMER_REGS: gl.constexpr):
+    def _prefill_kernel(q_desc, k_desc, v_desc, k_new_desc, v_new_desc, k_tile_desc, v_tile_desc, o_desc, out_ptr,
+                        query_start_loc_ptr, seq_lens_ptr, block_table_ptr, num_seqs, num_tokens, qk_scale, s_ot,
+                        s_oh, s_bt, H: gl.constexpr, KVH: gl.constexpr, D: gl.constexpr, HD: gl.constexpr,
+                        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr,
+                        TMA_STORE: gl.constexpr, SHORT_QUERY_LEN: gl.constexpr, FUSE_STORE: gl.constexpr,
+                        PRODUCER_REGS: gl.constexpr, CONSUMER_REGS: gl.constexpr):
         """Program ``p`` of ``P`` takes work items ``p, p + P, ...`` (one item a program, or
         persistent programs)."""
         num_q_blocks = num_tokens // BLOCK_M + num_seqs
@@ -543,10 +544,10 @@ if gluon is not None:
             (_consumer, (WG1, q_smem, k_smem, v_smem, o_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty,
                          o_desc, out_ptr, query_start_loc_ptr, seq_lens_ptr, num_seqs, num_q_blocks, qk_scale, s_ot,
                          s_oh, H, BLOCK_M, BLOCK_N, D, HD, STAGES, TMA_STORE, SHORT_QUERY_LEN)),
-            (_producer, (q_desc, k_desc, v_desc, k_new_desc, v_new_desc, q_smem, k_smem, v_smem, q_ready, q_empty,
-                         k_ready, k_empty, v_ready, v_empty, tail_bar, query_start_loc_ptr, seq_lens_ptr,
-                         block_table_ptr, num_seqs, num_q_blocks, s_bt, H, KVH, D, HD, BLOCK_M, BLOCK_N, PAGE, STAGES,
-                         SHORT_QUERY_LEN, FUSE_STORE)),
+            (_producer, (q_desc, k_desc, v_desc, k_new_desc, v_new_desc, k_tile_desc, v_tile_desc, q_smem, k_smem,
+                         v_smem, q_ready, q_empty, k_ready, k_empty, v_ready, v_empty, tail_bar, query_start_loc_ptr,
+                         seq_lens_ptr, block_table_ptr, num_seqs, num_q_blocks, s_bt, H, KVH, D, HD, BLOCK_M, BLOCK_N,
+                         PAGE, STAGES, SHORT_QUERY_LEN, FUSE_STORE)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -602,10 +603,11 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
     k_desc, v_desc = (TensorDescriptor(kv_cache[i], rows, [kv_heads * head_size, 1], [box, tile_d], kv_layout)
                       for i in (0, 1))
     fuse = k is not None
-    k_new_desc, v_new_desc = k_desc, v_desc  # placeholders where nothing is fused
+    k_new_desc, v_new_desc = k_tile_desc, v_tile_desc = k_desc, v_desc  # placeholders where nothing is fused
     if fuse:
-        k_new_desc, v_new_desc = (TensorDescriptor(t, [num_tokens, kv_heads * head_size], [t.stride(0), 1],
-                                                   [box, tile_d], kv_layout) for t in (k, v))
+        k_new_desc, v_new_desc, k_tile_desc, v_tile_desc = (
+            TensorDescriptor(t, [num_tokens, kv_heads * head_size], [t.stride(0), 1], [box_rows, tile_d], kv_layout)
+            for box_rows in (box, block_n) for t in (k, v))
     items = num_heads * (num_tokens // BLOCK_M + num_seqs)
     # Head 256's output buffers (64 KB) do not fit beside its ring, and a padded head's tiles are wider
     # than its rows: stores from registers.
@@ -616,8 +618,9 @@ def launch_args(q, kv_cache, query_start_loc, seq_lens, block_table, out, *, sca
         o_desc = TensorDescriptor(out, [num_tokens, num_heads * head_size], [out.stride(0), 1],
                                   [BLOCK_M // 2, head_size], q_layout)
     grid = (min(items, num_sms(q.device) * PERSISTENT_PROGRAMS_PER_SM) if PERSISTENT_PROGRAMS_PER_SM else items,)
-    args = (q_desc, k_desc, v_desc, k_new_desc, v_new_desc, o_desc, out, query_start_loc, seq_lens, block_table,
-            num_seqs, num_tokens, scale * LOG2E, out.stride(0), out.stride(1), block_table.stride(0))
+    args = (q_desc, k_desc, v_desc, k_new_desc, v_new_desc, k_tile_desc, v_tile_desc, o_desc, out, query_start_loc,
+            seq_lens, block_table, num_seqs, num_tokens, scale * LOG2E, out.stride(0), out.stride(1),
+            block_table.stride(0))
     constexprs = dict(H=num_heads, KVH=kv_heads, D=tile_d, HD=head_size, BLOCK_M=BLOCK_M, BLOCK_N=block_n, PAGE=page,
                       STAGES=STAGES, TMA_STORE=tma_store, SHORT_QUERY_LEN=SHORT_QUERY_LEN, FUSE_STORE=fuse,
                       PRODUCER_REGS=PRODUCER_REGS, CONSUMER_REGS=CONSUMER_REGS, num_warps=4)
