@@ -76,7 +76,7 @@ def ours(model: LlamaForCausalLM, batch: int, context: int, block_size: int) -> 
 
     runner = CUDAGraphRunner(step, token_input_specs=[((), torch.int64), ((), torch.int64)], block_size=block_size,
                              max_blocks=blocks_per_seq, max_num_seqs=batch, decode_buckets=[batch],
-                             prefill_buckets=[], device=device, output_rows="seqs")
+                             prefill_buckets=[], device=device, output_rows="seqs", num_blocks=cache.num_blocks)
     runner.capture()
     results["compile_graphs_ms"] = median_ms(lambda: runner.run([ids, positions], layout))
     results["compile_graphs_pipelined_ms"] = pipelined_ms(lambda: runner.run([ids, positions], layout))

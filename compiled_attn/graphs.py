@@ -113,7 +113,8 @@ class CUDAGraphRunner:
     ``token_input_specs`` gives each per-token input's trailing shape and dtype (``input_ids``:
     ``((), torch.int64)``). ``plan`` (a backend's host-side ``plan``) runs on every batch; if it
     returns metadata shaped unlike what was captured, the step runs eagerly with a logged reason —
-    never a stale replay.
+    never a stale replay. ``num_blocks`` (the cache's size) has every batch's block ids checked
+    against it on the host, where the lists are, before they reach a captured kernel.
     """
 
     def __init__(
@@ -131,6 +132,7 @@ class CUDAGraphRunner:
         use_graphs: bool | None = None,
         progress: bool = False,
         output_rows: str = "tokens",
+        num_blocks: int | None = None,
     ) -> None:
         if output_rows not in ("tokens", "seqs"):
             raise ValueError(f"output_rows must be 'tokens' or 'seqs', got {output_rows!r}")
@@ -138,6 +140,7 @@ class CUDAGraphRunner:
         self.step_fn = step_fn
         self.device = torch.device(device)
         self.block_size = block_size
+        self.num_blocks = num_blocks
         self.max_blocks = max_blocks
         self.max_num_seqs = max_num_seqs
         self.decode_buckets = sorted(decode_buckets if decode_buckets is not None else default_decode_buckets(max_num_seqs))
@@ -241,7 +244,7 @@ class CUDAGraphRunner:
         # Built on the host and copied into the static buffers: the step itself allocates nothing.
         meta = AttentionMetadata.build(batch.query_lens, batch.seq_lens, batch.block_tables, self.block_size,
                                        "cpu", num_tokens=bucket.num_tokens, num_seqs=bucket.num_seqs,
-                                       max_blocks=self.max_blocks,
+                                       max_blocks=self.max_blocks, num_blocks=self.num_blocks,
                                        max_query_len=1 if bucket.kind == "decode" else bucket.num_tokens)
         planned = self.plan(meta) if self.plan else meta
         graph, output, captured_shapes = self._graphs[bucket]
@@ -268,6 +271,6 @@ class CUDAGraphRunner:
         logger.info("running a step eagerly: %s", reason)
         self.last_eager_reason = reason
         meta = AttentionMetadata.build(batch.query_lens, batch.seq_lens, batch.block_tables, self.block_size,
-                                       self.device)
+                                       self.device, num_blocks=self.num_blocks)
         meta = self.plan(meta) if self.plan else meta
         return self.step_fn(*token_inputs, meta)

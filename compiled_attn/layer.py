@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import config, ops
 from .backends import select_backend
+from .checks import check_metadata_shapes, check_scales, versions
 from .metadata import AttentionMetadata
 from .spec import AttentionSpec
 
@@ -101,20 +104,36 @@ class Attention(nn.Module):
                              f"kv_cache_dtype={s.kv_cache_dtype!r} for {q.dtype} queries (expected {s.cache_dtype(q.dtype)})")
         if meta.slot_mapping.shape[0] != q.shape[0]:
             raise ValueError(f"meta has {meta.slot_mapping.shape[0]} tokens but q has {q.shape[0]}")
+        check_metadata_shapes(meta.query_start_loc, meta.seq_lens, meta.block_table, meta.slot_mapping, q.shape[0])
+        check_scales(self.k_scale, self.v_scale)
         for name, dtype in _INDEX_DTYPES.items():
             t = getattr(meta, name)
             if t.dtype != dtype:
                 raise ValueError(f"meta.{name} must be {dtype}, got {t.dtype}")
             if t.device != q.device:
                 raise ValueError(f"meta.{name} is on {t.device} but q is on {q.device}; build the metadata on {q.device}")
-        for name, t in (("k", k), ("v", v), ("kv_cache", kv_cache), ("k_scale", self.k_scale)):
-            if t.device != q.device:
+        buffers = (("k_scale", self.k_scale), ("v_scale", self.v_scale), ("alibi_slopes", self.alibi_slopes))
+        for name, t in (("k", k), ("v", v), ("kv_cache", kv_cache), *buffers):
+            if t is not None and t.device != q.device:
                 raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
         if q.device.type not in self.backend.device_types:
             raise ValueError(f"backend {self.backend.name!r} runs on {self.backend.device_types}, not {q.device.type}; "
                              "construct Attention with device=... so the right backend is selected")
         if self._data_checks_wanted(q):
             meta.check_once(num_blocks=kv_cache.shape[1], block_size=kv_cache.shape[2])
+            if s.is_fp8:
+                self._check_scale_values()
+
+    def _check_scale_values(self) -> None:
+        # Loaded from a checkpoint or set in place: re-read only when a scale has changed.
+        changes = versions(self.k_scale, self.v_scale)
+        if self.__dict__.get("_scales_checked_at") == changes:
+            return
+        for name, t in (("k_scale", self.k_scale), ("v_scale", self.v_scale)):
+            value = float(t)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} is {value}; an fp8 cache's scale must be positive and finite")
+        self.__dict__["_scales_checked_at"] = changes
 
     @staticmethod
     def _data_checks_wanted(q: torch.Tensor) -> bool:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from .checks import versions
+
 PAD_SLOT = -1
 """``slot_mapping`` value of a token whose K/V must not be stored."""
 
@@ -162,9 +164,11 @@ class AttentionMetadata:
         )
 
     def check_once(self, num_blocks: int, block_size: int) -> None:
-        """``check`` the first time this object meets a cache of this size; every layer of a step
-        shares one metadata object, so a step pays for one check, not one per layer."""
-        key = (num_blocks, block_size)
+        """``check`` the first time this object meets a cache of this size, and again after any of
+        its tensors changed in place; every layer of a step shares one metadata object, so a step
+        pays for one check, not one per layer."""
+        key = (num_blocks, block_size, versions(self.query_start_loc, self.seq_lens, self.block_table,
+                                                self.slot_mapping))
         if self.__dict__.get("_checked_against") != key:
             self.check(num_blocks, block_size)
             object.__setattr__(self, "_checked_against", key)  # not a field: invisible to pytree/compile
@@ -181,8 +185,9 @@ class AttentionMetadata:
                 f"{tuple(table.shape)} disagree on the number of sequences"
             )
         query_lens = starts[1:] - starts[:-1]
-        if bool((query_lens < 0).any()) or int(starts[-1]) > slots.shape[0]:
-            raise ValueError("query_start_loc must be non-decreasing and end at or before num_tokens")
+        if int(starts[0]) != 0 or bool((query_lens < 0).any()) or int(starts[-1]) > slots.shape[0]:
+            raise ValueError("query_start_loc must start at 0, be non-decreasing and end at or before num_tokens, "
+                             f"got {starts[:8].tolist()}{' ...' if starts.shape[0] > 8 else ''}")
         if self.max_query_len == 1:
             real = lens > 0
             decode_layout = bool((query_lens[real] == 1).all()) and not bool((real[1:] & ~real[:-1]).any())
@@ -205,6 +210,31 @@ class AttentionMetadata:
             raise ValueError(f"slot_mapping holds slots outside the cache (valid: 0..{num_blocks * block_size - 1}, or -1)")
         if real.unique().numel() != real.numel():
             raise ValueError("slot_mapping writes the same cache slot twice")
+        _check_slots_follow_table(starts, lens, table, slots, block_size)
+
+
+def _check_slots_follow_table(starts: torch.Tensor, lens: torch.Tensor, table: torch.Tensor, slots: torch.Tensor,
+                              block_size: int) -> None:
+    """Each new token's slot is where the block table puts its position (attention reads it back
+    from there), and padding tokens store nothing; a slot elsewhere leaves stale K/V in the
+    context, or overwrites another sequence's."""
+    query_lens = starts[1:] - starts[:-1]
+    total = int(starts[-1])
+    seq = torch.repeat_interleave(torch.arange(lens.shape[0]), query_lens)
+    pos = (lens - query_lens)[seq] + torch.arange(total) - starts[:-1][seq]
+    expected = table[seq, pos // block_size] * block_size + pos % block_size
+    wrong = (slots[:total] != expected).nonzero()
+    if wrong.numel():
+        i = int(wrong[0])
+        s = int(seq[i])
+        raise ValueError(f"slot_mapping[{i}] is {int(slots[i])}, but that token (sequence {s}, position {int(pos[i])}) "
+                         f"belongs at slot {int(expected[i])} by the block table; build the slots from the block "
+                         "table (AttentionMetadata.build does)")
+    padding = (slots[total:] != PAD_SLOT).nonzero()
+    if padding.numel():
+        i = total + int(padding[0])
+        raise ValueError(f"slot_mapping[{i}] is {int(slots[i])}, but token {i} is padding (past "
+                         f"query_start_loc[-1] = {total}) and must be {PAD_SLOT}")
 
 
 def _check_block_ids(table: np.ndarray, widths: list[int], num_blocks: int | None) -> None:

@@ -12,6 +12,7 @@ import torch
 from .backends import get_backend
 from .metadata import AttentionMetadata
 from .backends.paged_torch import store_kv as _store_kv_torch
+from .checks import check_kv_shapes, check_metadata_shapes, check_scales
 
 # Scalars cannot be None in a schema: 0 means "no sliding window", 0.0 "no soft-cap".
 _NO_WINDOW = 0
@@ -38,6 +39,8 @@ def _attention(
     logits_soft_cap: float,
     max_query_len: int,
 ) -> None:
+    _check_call(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
+                sliding_window, logits_soft_cap)
     meta = AttentionMetadata(query_start_loc, seq_lens, block_table, slot_mapping, max_query_len)
     impl = get_backend(backend)
     features = dict(sliding_window=sliding_window or None, logits_soft_cap=logits_soft_cap or None,
@@ -47,6 +50,20 @@ def _attention(
     if reason:
         raise ValueError(f"backend {backend!r} cannot serve this call: {reason}")
     impl.forward(q, k, v, kv_cache, meta, out, scale=scale, k_scale=k_scale, v_scale=v_scale, **features)
+
+
+def _check_call(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
+                sliding_window, logits_soft_cap) -> None:
+    # Shapes only (the layer checked more against its spec; a direct op call gets these).
+    if q.dim() != 3 or out.shape != q.shape:
+        raise ValueError(f"q and out must both be [num_tokens, num_heads, head_size], got {tuple(q.shape)} and "
+                         f"{tuple(out.shape)}")
+    check_kv_shapes(k, v, kv_cache, q.shape[0])
+    check_metadata_shapes(query_start_loc, seq_lens, block_table, slot_mapping, q.shape[0])
+    check_scales(k_scale, v_scale)
+    if sliding_window < 0 or logits_soft_cap < 0:
+        raise ValueError(f"sliding_window ({sliding_window}) and logits_soft_cap ({logits_soft_cap}) must be "
+                         "positive, or 0 for none")
 
 
 @_attention.register_fake
@@ -60,6 +77,10 @@ def _store_kv(
     k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor,
     k_scale: torch.Tensor, v_scale: torch.Tensor,
 ) -> None:
+    if slot_mapping.dim() != 1:
+        raise ValueError(f"slot_mapping must be 1-D [num_tokens], got {tuple(slot_mapping.shape)}")
+    check_kv_shapes(k, v, kv_cache, slot_mapping.shape[0])
+    check_scales(k_scale, v_scale)
     _store_kv_torch(k, v, kv_cache, slot_mapping, k_scale, v_scale)
 
 

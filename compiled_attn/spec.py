@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import torch
 
@@ -49,18 +50,25 @@ class AttentionSpec:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
             )
-        if self.scale is not None and not self.scale > 0:
-            raise ValueError(f"scale must be positive or None, got {self.scale}")
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
-        if self.logits_soft_cap is not None and self.logits_soft_cap <= 0:
-            raise ValueError(f"logits_soft_cap must be positive or None, got {self.logits_soft_cap}")
+        # NaN and inf pass a bare "> 0" test or slip through it, and turn every output into NaN or 0.
+        if self.scale is not None and not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"scale must be positive and finite, or None; got {self.scale}")
+        window = self.sliding_window
+        if window is not None:
+            if not isinstance(window, numbers.Integral) or isinstance(window, bool) or window <= 0:
+                raise ValueError(f"sliding_window must be positive (an int, in tokens) or None; got {window!r}")
+            object.__setattr__(self, "sliding_window", int(window))  # numpy ints from configs too
+        cap = self.logits_soft_cap
+        if cap is not None and not (cap > 0 and math.isfinite(cap)):
+            raise ValueError(f"logits_soft_cap must be positive and finite, or None; got {cap}")
         if self.alibi_slopes is not None:
             object.__setattr__(self, "alibi_slopes", tuple(float(s) for s in self.alibi_slopes))
             if len(self.alibi_slopes) != self.num_heads:
                 raise ValueError(
                     f"alibi_slopes has {len(self.alibi_slopes)} entries; expected one per query head ({self.num_heads})"
                 )
+            if not all(math.isfinite(s) for s in self.alibi_slopes):
+                raise ValueError(f"alibi_slopes must be finite, got {self.alibi_slopes}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype {self.kv_cache_dtype!r} is not supported (supported: {sorted(KV_CACHE_DTYPES)})"

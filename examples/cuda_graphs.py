@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> float:
     compiled = torch.compile(step, fullgraph=True) if args.compile else step
     runner = ca.CUDAGraphRunner(compiled, token_input_specs=[((64,), torch.float32)], block_size=16, max_blocks=4,
                                 max_num_seqs=8, decode_buckets=[1, 2, 4, 8], prefill_buckets=[32, 64],
-                                device=args.device, progress=True)
+                                device=args.device, progress=True, num_blocks=cache.num_blocks)
     runner.capture()
 
     # Three sequences: prefill them, then decode a few steps, checking each against an eager step
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> float:
         got = runner.run([x], batch).clone()
         replayed_cache = cache.kv.clone()
         cache.kv.copy_(saved)
-        meta = ca.AttentionMetadata.build(query_lens, seq_lens, tables, 16, args.device)
+        meta = ca.AttentionMetadata.build(query_lens, seq_lens, tables, 16, args.device, num_blocks=cache.num_blocks)
         want = step(x, meta)
         worst = max(worst, (got - want).abs().max().item(), (cache.kv - replayed_cache).abs().max().item())
         query_lens = [1, 1, 1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -11,6 +13,7 @@ import compiled_attn as ca
 from compiled_attn import AttentionMetadata, AttentionSpec
 
 SPEC = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32)
+FP8 = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, kv_cache_dtype="fp8_e4m3")
 
 
 def _inputs(num_tokens=3, dtype=torch.float32):
@@ -31,6 +34,28 @@ def test_spec_validation():
         AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, kv_cache_dtype="int3")
     with pytest.raises(ValueError, match="scale must be positive"):
         AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, scale=0.0)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scale=float("inf")), "scale must be positive and finite"),
+    (dict(logits_soft_cap=float("nan")), "logits_soft_cap must be positive and finite"),
+    (dict(logits_soft_cap=float("inf")), "logits_soft_cap must be positive and finite"),
+    (dict(sliding_window=2.5), r"sliding_window must be positive \(an int"),
+    (dict(sliding_window=True), r"sliding_window must be positive \(an int"),
+    (dict(sliding_window=-3), r"sliding_window must be positive \(an int"),
+    (dict(alibi_slopes=[0.5, float("nan"), 0.25, 0.125]), "alibi_slopes must be finite"),
+])
+def test_spec_rejects_values_that_would_silence_every_output(kwargs, message):
+    # NaN and inf caps, scales and slopes turn every output into NaN or zeros without an error.
+    with pytest.raises(ValueError, match=message):
+        AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, **kwargs)
+
+
+def test_spec_takes_a_numpy_window_as_an_int():
+    import numpy as np
+
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, sliding_window=np.int64(8))
+    assert spec.sliding_window == 8 and type(spec.sliding_window) is int
 
 
 @pytest.mark.parametrize(
@@ -124,14 +149,125 @@ def test_metadata_build_takes_tuples_and_tensors():
         (lambda m: m.slot_mapping.fill_(5), "same cache slot twice"),
         (lambda m: m.slot_mapping.__setitem__(0, 10_000), "slot_mapping holds slots outside"),
         (lambda m: m.seq_lens.fill_(1), "shorter than its query_len"),
+        (lambda m: m.query_start_loc.__setitem__(0, 1), "query_start_loc must start at 0"),
+        # A slot inside the cache but not where the block table puts the token: attention would
+        # read stale K/V at that position, and the write lands in another block.
+        (lambda m: m.slot_mapping.__setitem__(1, 40), r"slot_mapping\[1\] is 40, but that token \(sequence 0, "
+                                                       r"position 1\) belongs at slot 17"),
+        (lambda m: m.slot_mapping.__setitem__(2, -1), r"slot_mapping\[2\] is -1, but that token"),
+        (lambda m: m.slot_mapping.__setitem__(3, 40), r"slot_mapping\[3\] is 40, but token 3 is padding"),
     ],
 )
 def test_layer_checks_tensor_metadata(mutate, message):
-    meta = AttentionMetadata.build([3], [3], [[1]], block_size=16)
+    meta = AttentionMetadata.build([3], [3], [[1]], block_size=16, num_tokens=4)
     mutate(meta)
     cache = torch.zeros(2, 4, 16, 2, 32)
     with pytest.raises(ValueError, match=message):
-        _layer()(*_inputs(), cache, meta)
+        _layer()(*_inputs(4), cache, meta)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch_native"])
+def test_unused_block_table_entries_may_hold_anything(backend):
+    # Entries past a sequence's blocks are never checked (kernels never read them), so the PyTorch
+    # backends must not index the cache with them either.
+    meta = AttentionMetadata.build([3, 1], [3, 20], [[1], [2, 3]], block_size=16, max_blocks=3)
+    cache = torch.randn(2, 4, 16, 2, 32)
+    layer, (q, k, v) = ca.Attention(SPEC, backend=backend, device="cpu"), _inputs(4)
+    want = layer(q, k, v, cache.clone(), meta)
+    meta.block_table[0, 1:] = torch.tensor([99, -7], dtype=torch.int32)
+    meta.block_table[1, 2] = 1000
+    torch.testing.assert_close(layer(q, k, v, cache.clone(), meta), want)
+
+
+def test_checks_run_under_inference_mode():
+    # Inference tensors keep no in-place write counter: each metadata object is checked once.
+    with torch.inference_mode():
+        layer = ca.Attention(FP8, backend="reference", device="cpu")
+        cache = torch.zeros(2, 4, 16, 2, 32, dtype=torch.float8_e4m3fn)
+        meta = AttentionMetadata.build([3], [3], [[1]], block_size=16)
+        layer(*_inputs(), cache, meta)
+        layer(*_inputs(), cache, meta)
+        meta.slot_mapping[1] = 40
+        with pytest.raises(ValueError, match="belongs at slot 17"):
+            layer(*_inputs(), cache, dataclasses.replace(meta))  # a new object is checked afresh
+
+
+def test_metadata_changed_in_place_is_checked_again():
+    layer, meta, cache = _layer(), AttentionMetadata.build([3], [3], [[1]], block_size=16), torch.zeros(2, 4, 16, 2, 32)
+    layer(*_inputs(), cache, meta)
+    meta.seq_lens.fill_(1)
+    with pytest.raises(ValueError, match="shorter than its query_len"):
+        layer(*_inputs(), cache, meta)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: AttentionMetadata(m.query_start_loc, torch.tensor([3, 3], dtype=torch.int32), m.block_table,
+                                 m.slot_mapping, 3), r"query_start_loc must be \[num_seqs \+ 1\] = \[3\]"),
+    (lambda m: AttentionMetadata(m.query_start_loc, m.seq_lens, m.block_table[0], m.slot_mapping, 3),
+     r"block_table must be \[num_seqs, max_blocks\]"),
+])
+def test_metadata_shapes_are_checked_even_with_value_checks_off(monkeypatch, change, message):
+    # Shapes are static (free under compile and capture): checked whatever COMPILED_ATTN_CHECKS says.
+    monkeypatch.setenv("COMPILED_ATTN_CHECKS", "never")
+    bad = change(AttentionMetadata.build([3], [3], [[1]], block_size=16))
+    with pytest.raises(ValueError, match=message):
+        _layer()(*_inputs(), torch.zeros(2, 4, 16, 2, 32), bad)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.k_scale.fill_(float("nan")), "k_scale is nan; an fp8 cache's scale must be positive and finite"),
+    (lambda a: a.v_scale.fill_(0.0), "v_scale is 0.0; an fp8 cache's scale must be positive"),
+    (lambda a: setattr(a, "k_scale", torch.tensor([2.0, 9.0])), "k_scale must be one float32 value"),
+    (lambda a: setattr(a, "v_scale", torch.tensor(1.0, dtype=torch.float64)), "v_scale must be one float32 value"),
+    (lambda a: setattr(a, "v_scale", torch.ones((), device="meta")), "v_scale is on meta but q is on cpu"),
+])
+def test_fp8_scales_are_checked(change, message):
+    layer = ca.Attention(FP8, backend="reference", device="cpu")
+    change(layer)
+    cache = torch.zeros(2, 4, 16, 2, 32, dtype=torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=message):
+        layer(*_inputs(), cache, AttentionMetadata.build([3], [3], [[1]], block_size=16))
+
+
+def test_fp8_scales_are_read_again_after_a_change():
+    layer, cache = ca.Attention(FP8, backend="reference", device="cpu"), torch.zeros(2, 4, 16, 2, 32,
+                                                                                     dtype=torch.float8_e4m3fn)
+    layer(*_inputs(), cache, AttentionMetadata.build([3], [3], [[1]], block_size=16))
+    layer.k_scale.fill_(float("inf"))
+    with pytest.raises(ValueError, match="k_scale is inf"):
+        layer(*_inputs(), cache, AttentionMetadata.build([3], [3], [[1]], block_size=16))
+
+
+def test_alibi_slopes_device_is_checked():
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, alibi_slopes=[0.5, 0.25, 0.125, 0.0625])
+    layer = ca.Attention(spec, backend="reference", device="cpu")
+    layer.alibi_slopes = torch.ones(4, device="meta")
+    with pytest.raises(ValueError, match="alibi_slopes is on meta"):
+        layer(*_inputs(), torch.zeros(2, 4, 16, 2, 32), AttentionMetadata.build([3], [3], [[1]], block_size=16))
+
+
+def test_ops_check_shapes_on_direct_calls():
+    meta = AttentionMetadata.build([3], [3], [[1]], block_size=16)
+    cache, one = torch.zeros(2, 4, 16, 2, 32), torch.ones(())
+    with pytest.raises(ValueError, match=r"k must be \[3, 2, 32\]"):  # one KV head would broadcast into two
+        ca.ops.store_kv(torch.randn(3, 1, 32), torch.randn(3, 1, 32), cache, meta.slot_mapping, one, one)
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match="sliding_window .* must be positive, or 0 for none"):
+        ca.ops.attention(q, k, v, cache, meta, torch.empty_like(q), backend="reference", scale=0.1,
+                         sliding_window=-1, k_scale=one, v_scale=one)
+    with pytest.raises(ValueError, match=r"q and out must both be"):
+        ca.ops.attention(q, k, v, cache, meta, torch.empty(3, 4, 16), backend="reference", scale=0.1,
+                         k_scale=one, v_scale=one)
+
+
+def test_graph_runner_checks_block_ids_against_the_cache():
+    from compiled_attn.graphs import BatchLayout, CUDAGraphRunner
+
+    runner = CUDAGraphRunner(lambda x, meta: x, token_input_specs=[((), torch.float32)], block_size=4, max_blocks=2,
+                             max_num_seqs=2, decode_buckets=[2], prefill_buckets=[8], device="cpu", num_blocks=8)
+    runner.capture()
+    with pytest.raises(ValueError, match="outside the cache"):
+        runner.run([torch.ones(2)], BatchLayout([1, 1], [2, 2], [[0], [8]]))
 
 
 @pytest.mark.parametrize(

@@ -81,11 +81,16 @@ def token_layout(meta: AttentionMetadata, num_tokens: int) -> tuple[torch.Tensor
 
 
 def gather_context(
-    kv_cache: torch.Tensor, block_table: torch.Tensor, scale: torch.Tensor, which: int, dtype: torch.dtype
+    kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: torch.Tensor, scale: torch.Tensor, which: int,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """Each sequence's cached K (``which=0``) or V (1) laid out densely: [B, L, kv_heads, D]."""
     _, _, block_size, kv_heads, head_size = kv_cache.shape
-    blocks = kv_cache[which][block_table.long()]  # [B, max_blocks, block_size, kv_heads, D]
+    # Table entries past a sequence's blocks may hold anything (the kernels never read them): read
+    # block 0 there, whose rows the causal mask hides, rather than index outside the cache.
+    listed = torch.arange(block_table.shape[1], device=block_table.device) * block_size < seq_lens[:, None]
+    ids = torch.where(listed, block_table.long(), 0)
+    blocks = kv_cache[which][ids]  # [B, max_blocks, block_size, kv_heads, D]
     dense = blocks.reshape(block_table.shape[0], -1, kv_heads, head_size)
     return dequantize(dense, scale, dtype)
 

@@ -35,8 +35,8 @@ def reference_attention(
     num_tokens, num_heads, head_size = q.shape
     group = num_heads // kv_cache.shape[3]
     seq, pos, valid = token_layout(meta, num_tokens)
-    keys = gather_context(kv_cache, meta.block_table, k_scale, 0, compute_dtype)[seq]  # [T, L, KVH, D]
-    values = gather_context(kv_cache, meta.block_table, v_scale, 1, compute_dtype)[seq]
+    keys = gather_context(kv_cache, meta.block_table, meta.seq_lens, k_scale, 0, compute_dtype)[seq]  # [T, L, KVH, D]
+    values = gather_context(kv_cache, meta.block_table, meta.seq_lens, v_scale, 1, compute_dtype)[seq]
     keys = keys.repeat_interleave(group, dim=2)
     values = values.repeat_interleave(group, dim=2)
     scores = torch.einsum("thd,tlhd->thl", q.to(compute_dtype), keys) * scale

@@ -35,8 +35,8 @@ class TorchNativeBackend(AttentionBackend):
         padded.index_copy_(0, row, q)
         queries = padded[:-1].view(num_seqs, q_len, num_heads, head_size).transpose(1, 2)
 
-        keys = gather_context(kv_cache, meta.block_table, k_scale, 0, q.dtype).transpose(1, 2)
-        values = gather_context(kv_cache, meta.block_table, v_scale, 1, q.dtype).transpose(1, 2)
+        keys = gather_context(kv_cache, meta.block_table, meta.seq_lens, k_scale, 0, q.dtype).transpose(1, 2)
+        values = gather_context(kv_cache, meta.block_table, meta.seq_lens, v_scale, 1, q.dtype).transpose(1, 2)
         query_lens = starts[1:] - starts[:-1]
         grid_pos = (meta.seq_lens.long() - query_lens)[:, None] + torch.arange(q_len, device=q.device)
         visible, bias = score_bias_and_mask(grid_pos, keys.shape[2], sliding_window=sliding_window,

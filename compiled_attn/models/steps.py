@@ -76,7 +76,7 @@ class GraphedStep:
             graph_step, token_input_specs=[((), torch.int64), ((), torch.int64)], block_size=cache.block_size,
             max_blocks=next_power_of_two(table_width), max_num_seqs=max_num_seqs,
             prefill_buckets=default_prefill_buckets(max(max_batch_tokens, 16)), device=device, progress=progress,
-            output_rows="seqs",
+            output_rows="seqs", num_blocks=cache.num_blocks,
         )
         self.runner.capture()
         self.block_size, self.device = cache.block_size, device
