@@ -190,6 +190,7 @@ def capture_graph(fn: Callable[[], None]) -> torch.cuda.CUDAGraph:
 
 
 WARMUP_S = 0.05  # replay for at least this long before timing (see time_graph)
+CARD_HEAT_S = 15.0  # matmuls before the first case (see heat_card)
 
 
 def time_graph(fn: Callable[[], None], replicas: int, *, replays: int = 20) -> float:
@@ -217,6 +218,18 @@ def time_graph(fn: Callable[[], None], replicas: int, *, replays: int = 20) -> f
         times.append(start.elapsed_time(end) * 1e3 / replicas)
     del graph
     return statistics.median(times)
+
+
+def heat_card(device: str, seconds: float = CARD_HEAT_S) -> None:
+    """bf16 matmuls for ``seconds``. A card's clocks fall as it warms, over tens of seconds: on an
+    H100 our 8x2048 prefill took 531 us in a run's first round and 588-608 in the next two, where
+    the peers timed after it moved by 1-2%. Heated first, every contender meets a warm card."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(8):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def measure_ceilings(device: str) -> dict[str, float]:
@@ -260,12 +273,14 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
               rounds: int = 1) -> dict:
     """Measure every case for every contender that can run it; return the results as a dict.
 
-    ``rounds``: each case's contenders are timed this many times, in turn (the row: the median).
+    ``rounds``: each case's contenders are timed this many times, in turn, each round starting one
+    contender later (the row: the median).
     ``checkpoint`` receives the report so far after every case (a run cut short keeps them).
     """
     if not torch.cuda.is_available():
         raise RuntimeError("compiled-attn bench needs a CUDA GPU")
     ceilings = measure_ceilings(device)
+    heat_card(device)
     shape = bench_spec("bf16", head_size, num_kv_heads)
     results = []
     report = {
@@ -276,6 +291,7 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
         "shape": dataclasses.asdict(shape) | {"dtype": str(dtype), "block_size": block_size},
         "ceilings": ceilings,
         "rounds": rounds,
+        "card_heat_s": CARD_HEAT_S,
         "results": results,
     }
     spec_variants = [("bf16", shape)] + ([("fp8", bench_spec("fp8", head_size, num_kv_heads))] if fp8 else [])
@@ -304,10 +320,13 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
                 except Exception as err:  # a peer that cannot take the shape is reported, not fatal
                     runs.append((_failed(row, err), None))
             # Rounds alternate over the contenders, so a drift in the card's clocks over the case
-            # falls on all of them alike; each row is the median of its rounds.
+            # falls on all of them alike; each row is the median of its rounds. Each round starts one
+            # contender later: a card cooled by a light contender (torch_native) runs the next one at
+            # higher clocks (8x2048 prefill 531 us timed right after it, 588-608 in the next rounds).
             timings = {id(row): [] for row, _ in runs}
-            for _ in range(rounds):
-                for row, run in runs:
+            for r in range(rounds):
+                shift = r % max(len(runs), 1)
+                for row, run in runs[shift:] + runs[:shift]:
                     if "error" not in row:
                         try:
                             timings[id(row)].append(time_graph(run, len(workload.metas)))
