@@ -229,7 +229,7 @@ def heat_card(device: str, seconds: float = CARD_HEAT_S) -> None:
     while time.perf_counter() < end:
         for _ in range(8):
             a @ a
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def measure_ceilings(device: str) -> dict[str, float]:
@@ -321,8 +321,7 @@ def run_bench(*, block_size: int = 16, dtype: torch.dtype = torch.bfloat16, case
                     runs.append((_failed(row, err), None))
             # Rounds alternate over the contenders, so a drift in the card's clocks over the case
             # falls on all of them alike; each row is the median of its rounds. Each round starts one
-            # contender later: a card cooled by a light contender (torch_native) runs the next one at
-            # higher clocks (8x2048 prefill 531 us timed right after it, 588-608 in the next rounds).
+            # contender later, so no contender is always the first timed in a round.
             timings = {id(row): [] for row, _ in runs}
             for r in range(rounds):
                 shift = r % max(len(runs), 1)

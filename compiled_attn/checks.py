@@ -1,6 +1,7 @@
-"""Static input checks shared by the layer and the ops: shapes and dtypes only, never values, so
-they cost nothing under ``torch.compile`` (they become guards) or CUDA-graph capture. Each error
-names the tensor and what it should be."""
+"""Input checks shared by the layer, the ops and the metadata. The ``check_*`` functions are
+static (shapes, dtypes, devices, never values), so they cost nothing under ``torch.compile`` (they
+become guards) or CUDA-graph capture; each error names the tensor and what it should be.
+:func:`contents_key` says when the host-side value checks must run again."""
 
 from __future__ import annotations
 
@@ -23,9 +24,20 @@ def check_kv_shapes(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, nu
                              f"got {_shape(t)}")
 
 
-def check_metadata_shapes(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                          slot_mapping: torch.Tensor, num_tokens: int) -> None:
-    """One batch size across the metadata, and one slot a token."""
+INDEX_DTYPES = {"query_start_loc": torch.int32, "seq_lens": torch.int32, "block_table": torch.int32,
+                "slot_mapping": torch.int64}
+
+
+def check_metadata(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                   slot_mapping: torch.Tensor, num_tokens: int, device: torch.device) -> None:
+    """The metadata's index dtypes and device, one batch size across it, and one slot a token."""
+    tensors = dict(query_start_loc=query_start_loc, seq_lens=seq_lens, block_table=block_table,
+                   slot_mapping=slot_mapping)
+    for name, t in tensors.items():
+        if t.dtype != INDEX_DTYPES[name]:
+            raise ValueError(f"{name} must be {INDEX_DTYPES[name]}, got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but q is on {device}; build the metadata on {device}")
     if seq_lens.dim() != 1:
         raise ValueError(f"seq_lens must be 1-D [num_seqs], got {_shape(seq_lens)}")
     num_seqs = seq_lens.shape[0]
@@ -47,7 +59,8 @@ def check_scales(k_scale: torch.Tensor, v_scale: torch.Tensor) -> None:
                              f"of shape {_shape(t)}")
 
 
-def versions(*tensors: torch.Tensor) -> tuple[int | None, ...]:
-    """The tensors' in-place write counters, to re-check values only after a change; ``None`` for
-    inference tensors, which keep none (checked once, then)."""
-    return tuple(None if t.is_inference() else t._version for t in tensors)
+def contents_key(*tensors: torch.Tensor) -> tuple:
+    """What changes when the tensors' contents may have: their storage and in-place write counter.
+    Inference tensors keep no counter, so an in-place change to one goes unseen (a new tensor in
+    its place is seen)."""
+    return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)

@@ -15,7 +15,7 @@ def backend_override() -> str | None:
 
 def input_checks() -> str:
     """``COMPILED_ATTN_CHECKS``: ``"cpu"`` (default: validate metadata against the cache on CPU
-    eager calls), ``"always"`` (also on GPU, costs a host sync per layer) or ``"never"``."""
+    eager calls), ``"always"`` (also on GPU, costs a host sync per step) or ``"never"``."""
     value = os.environ.get("COMPILED_ATTN_CHECKS", "cpu").lower()
     if value not in ("cpu", "always", "never"):
         raise ValueError(f"COMPILED_ATTN_CHECKS must be cpu, always or never, got {value!r}")

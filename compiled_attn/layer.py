@@ -9,12 +9,9 @@ from torch import nn
 
 from . import config, ops
 from .backends import select_backend
-from .checks import check_metadata_shapes, check_scales, versions
+from .checks import check_metadata, check_scales, contents_key
 from .metadata import AttentionMetadata
 from .spec import AttentionSpec
-
-_INDEX_DTYPES = {"query_start_loc": torch.int32, "seq_lens": torch.int32, "block_table": torch.int32,
-                 "slot_mapping": torch.int64}
 
 
 class Attention(nn.Module):
@@ -51,6 +48,16 @@ class Attention(nn.Module):
         if spec.alibi_slopes is not None:
             slopes = torch.tensor(spec.alibi_slopes, dtype=torch.float32, device=device)
         self.register_buffer("alibi_slopes", slopes)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) or .half() casts every floating buffer; the fp8 scales and the
+        # ALiBi slopes stay float32, as the kernels read them.
+        super()._apply(fn, recurse)
+        for name in ("k_scale", "v_scale", "alibi_slopes"):
+            t = getattr(self, name)
+            if t is not None and t.dtype != torch.float32:
+                setattr(self, name, t.float())
+        return self
 
     def extra_repr(self) -> str:
         return f"{self.spec}, backend={self.backend.name}"
@@ -102,16 +109,8 @@ class Attention(nn.Module):
         if kv_cache.dtype != s.cache_dtype(q.dtype):
             raise ValueError(f"kv_cache dtype {kv_cache.dtype} does not match the layer's "
                              f"kv_cache_dtype={s.kv_cache_dtype!r} for {q.dtype} queries (expected {s.cache_dtype(q.dtype)})")
-        if meta.slot_mapping.shape[0] != q.shape[0]:
-            raise ValueError(f"meta has {meta.slot_mapping.shape[0]} tokens but q has {q.shape[0]}")
-        check_metadata_shapes(meta.query_start_loc, meta.seq_lens, meta.block_table, meta.slot_mapping, q.shape[0])
+        check_metadata(meta.query_start_loc, meta.seq_lens, meta.block_table, meta.slot_mapping, q.shape[0], q.device)
         check_scales(self.k_scale, self.v_scale)
-        for name, dtype in _INDEX_DTYPES.items():
-            t = getattr(meta, name)
-            if t.dtype != dtype:
-                raise ValueError(f"meta.{name} must be {dtype}, got {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"meta.{name} is on {t.device} but q is on {q.device}; build the metadata on {q.device}")
         buffers = (("k_scale", self.k_scale), ("v_scale", self.v_scale), ("alibi_slopes", self.alibi_slopes))
         for name, t in (("k", k), ("v", v), ("kv_cache", kv_cache), *buffers):
             if t is not None and t.device != q.device:
@@ -125,15 +124,15 @@ class Attention(nn.Module):
                 self._check_scale_values()
 
     def _check_scale_values(self) -> None:
-        # Loaded from a checkpoint or set in place: re-read only when a scale has changed.
-        changes = versions(self.k_scale, self.v_scale)
-        if self.__dict__.get("_scales_checked_at") == changes:
+        # Loaded from a checkpoint, replaced or set in place: re-read only when a scale has changed.
+        key = contents_key(self.k_scale, self.v_scale)
+        if self.__dict__.get("_scales_checked_key") == key:
             return
         for name, t in (("k_scale", self.k_scale), ("v_scale", self.v_scale)):
             value = float(t)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name} is {value}; an fp8 cache's scale must be positive and finite")
-        self.__dict__["_scales_checked_at"] = changes
+        self.__dict__["_scales_checked_key"] = key
 
     @staticmethod
     def _data_checks_wanted(q: torch.Tensor) -> bool:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-from .checks import versions
+from .checks import contents_key
 
 PAD_SLOT = -1
-"""``slot_mapping`` value of a token whose K/V must not be stored."""
+"""``slot_mapping`` value of a padding token (past ``query_start_loc[-1]``): nothing is stored."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,7 @@ class AttentionMetadata:
     block_table: torch.Tensor
     """[B, max_blocks] int32: cache block ids of each sequence, in order."""
     slot_mapping: torch.Tensor
-    """[T] int64: flat cache slot (block * block_size + offset) of each new token; -1 = store nothing."""
+    """[T] int64: flat cache slot (block * block_size + offset) of each new token; -1 for padding tokens."""
     max_query_len: int
     """Static upper bound on any sequence's new tokens (from the bucket, not the batch).
 
@@ -167,8 +167,8 @@ class AttentionMetadata:
         """``check`` the first time this object meets a cache of this size, and again after any of
         its tensors changed in place; every layer of a step shares one metadata object, so a step
         pays for one check, not one per layer."""
-        key = (num_blocks, block_size, versions(self.query_start_loc, self.seq_lens, self.block_table,
-                                                self.slot_mapping))
+        key = (num_blocks, block_size, contents_key(self.query_start_loc, self.seq_lens, self.block_table,
+                                                    self.slot_mapping))
         if self.__dict__.get("_checked_against") != key:
             self.check(num_blocks, block_size)
             object.__setattr__(self, "_checked_against", key)  # not a field: invisible to pytree/compile

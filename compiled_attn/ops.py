@@ -12,7 +12,7 @@ import torch
 from .backends import get_backend
 from .metadata import AttentionMetadata
 from .backends.paged_torch import store_kv as _store_kv_torch
-from .checks import check_kv_shapes, check_metadata_shapes, check_scales
+from .checks import check_kv_shapes, check_metadata, check_scales
 
 # Scalars cannot be None in a schema: 0 means "no sliding window", 0.0 "no soft-cap".
 _NO_WINDOW = 0
@@ -59,11 +59,14 @@ def _check_call(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_
         raise ValueError(f"q and out must both be [num_tokens, num_heads, head_size], got {tuple(q.shape)} and "
                          f"{tuple(out.shape)}")
     check_kv_shapes(k, v, kv_cache, q.shape[0])
-    check_metadata_shapes(query_start_loc, seq_lens, block_table, slot_mapping, q.shape[0])
+    if q.shape[2] != kv_cache.shape[4] or q.shape[1] % kv_cache.shape[3]:
+        raise ValueError(f"q {tuple(q.shape)} needs the cache's head_size ({kv_cache.shape[4]}) and a multiple of "
+                         f"its {kv_cache.shape[3]} KV heads")
+    check_metadata(query_start_loc, seq_lens, block_table, slot_mapping, q.shape[0], q.device)
     check_scales(k_scale, v_scale)
-    if sliding_window < 0 or logits_soft_cap < 0:
-        raise ValueError(f"sliding_window ({sliding_window}) and logits_soft_cap ({logits_soft_cap}) must be "
-                         "positive, or 0 for none")
+    for name, value in (("sliding_window", sliding_window), ("logits_soft_cap", logits_soft_cap)):
+        if value < 0:
+            raise ValueError(f"{name} must be positive, or 0 for none; got {value}")
 
 
 @_attention.register_fake

@@ -40,6 +40,9 @@ fi
 if wants bench; then
   # BENCH_TIMEOUT_S bounds each run (0 = none); rows are saved after every case.
   pages=" ${BENCH_PAGES:-16 256} "
+  for page in $pages; do
+    [[ "$page" == 16 || "$page" == 256 ]] || { echo "BENCH_PAGES: '$page' is not 16 or 256" >&2; exit 2; }
+  done
   if [[ "$pages" == *" 16 "* ]]; then
     timeout "${BENCH_TIMEOUT_S:-0}" python3 -m compiled_attn bench --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 \
       | tee "$OUT/bench.log" || status=1

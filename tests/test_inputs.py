@@ -229,13 +229,26 @@ def test_fp8_scales_are_checked(change, message):
         layer(*_inputs(), cache, AttentionMetadata.build([3], [3], [[1]], block_size=16))
 
 
-def test_fp8_scales_are_read_again_after_a_change():
-    layer, cache = ca.Attention(FP8, backend="reference", device="cpu"), torch.zeros(2, 4, 16, 2, 32,
-                                                                                     dtype=torch.float8_e4m3fn)
+@pytest.mark.parametrize("change", [lambda a: a.k_scale.fill_(float("inf")),
+                                    lambda a: setattr(a, "k_scale", torch.tensor(float("inf")))])
+def test_fp8_scales_are_read_again_after_a_change(change):
+    layer = ca.Attention(FP8, backend="reference", device="cpu")
+    cache = torch.zeros(2, 4, 16, 2, 32, dtype=torch.float8_e4m3fn)
     layer(*_inputs(), cache, AttentionMetadata.build([3], [3], [[1]], block_size=16))
-    layer.k_scale.fill_(float("inf"))
+    change(layer)  # in place, or a new tensor in its place
     with pytest.raises(ValueError, match="k_scale is inf"):
         layer(*_inputs(), cache, AttentionMetadata.build([3], [3], [[1]], block_size=16))
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half()])
+def test_a_model_cast_to_half_precision_keeps_float32_scales_and_slopes(cast):
+    spec = AttentionSpec(num_heads=4, num_kv_heads=2, head_size=32, alibi_slopes=[0.5, 0.25, 0.125, 0.0625])
+    model = cast(torch.nn.Sequential(ca.Attention(spec, backend="reference", device="cpu")))
+    layer = model[0]
+    assert {t.dtype for t in (layer.k_scale, layer.v_scale, layer.alibi_slopes)} == {torch.float32}
+    dtype = next(d for d in (torch.bfloat16, torch.float16) if d in layer.backend.dtypes)
+    meta = AttentionMetadata.build([3], [3], [[1]], block_size=16)
+    assert layer(*_inputs(dtype=dtype), torch.zeros(2, 4, 16, 2, 32, dtype=dtype), meta).dtype == dtype
 
 
 def test_alibi_slopes_device_is_checked():
@@ -252,12 +265,18 @@ def test_ops_check_shapes_on_direct_calls():
     with pytest.raises(ValueError, match=r"k must be \[3, 2, 32\]"):  # one KV head would broadcast into two
         ca.ops.store_kv(torch.randn(3, 1, 32), torch.randn(3, 1, 32), cache, meta.slot_mapping, one, one)
     q, k, v = _inputs()
-    with pytest.raises(ValueError, match="sliding_window .* must be positive, or 0 for none"):
+    with pytest.raises(ValueError, match="sliding_window must be positive, or 0 for none; got -1"):
         ca.ops.attention(q, k, v, cache, meta, torch.empty_like(q), backend="reference", scale=0.1,
                          sliding_window=-1, k_scale=one, v_scale=one)
     with pytest.raises(ValueError, match=r"q and out must both be"):
         ca.ops.attention(q, k, v, cache, meta, torch.empty(3, 4, 16), backend="reference", scale=0.1,
                          k_scale=one, v_scale=one)
+    with pytest.raises(ValueError, match=r"needs the cache's head_size \(32\) and a multiple of its 2 KV heads"):
+        ca.ops.attention(q[:, :3], k, v, cache, meta, q[:, :3], backend="reference", scale=0.1, k_scale=one,
+                         v_scale=one)
+    with pytest.raises(ValueError, match="slot_mapping must be torch.int64, got torch.int32"):
+        ca.ops.attention(q, k, v, cache, dataclasses.replace(meta, slot_mapping=meta.slot_mapping.int()),
+                         torch.empty_like(q), backend="reference", scale=0.1, k_scale=one, v_scale=one)
 
 
 def test_graph_runner_checks_block_ids_against_the_cache():
@@ -292,7 +311,7 @@ def test_layer_rejects_bad_tensors(change, message):
 def test_metadata_dtype_is_checked():
     meta = AttentionMetadata.build([3], [3], [[1]], block_size=16)
     bad = AttentionMetadata(meta.query_start_loc.long(), meta.seq_lens, meta.block_table, meta.slot_mapping, 3)
-    with pytest.raises(ValueError, match="meta.query_start_loc must be torch.int32"):
+    with pytest.raises(ValueError, match="query_start_loc must be torch.int32"):
         _layer()(*_inputs(), torch.zeros(2, 4, 16, 2, 32), bad)
 
 
