@@ -54,7 +54,8 @@ def _attention(
 
 def _check_call(q, k, v, kv_cache, query_start_loc, seq_lens, block_table, slot_mapping, out, k_scale, v_scale,
                 sliding_window, logits_soft_cap) -> None:
-    # Shapes only (the layer checked more against its spec; a direct op call gets these).
+    # Static facts only: shapes, dtypes, devices (the layer checked more against its spec; a direct
+    # op call gets these).
     if q.dim() != 3 or out.shape != q.shape:
         raise ValueError(f"q and out must both be [num_tokens, num_heads, head_size], got {tuple(q.shape)} and "
                          f"{tuple(out.shape)}")
