@@ -54,6 +54,16 @@ M = gl.constexpr(64)  # rows of a wgmma tile: the G query heads of a KV head, th
 
 
 @gluon.jit
+def _program_range(total_tiles):
+    """This program's share ``[start, end)`` of the step's tiles, dealt evenly: the one split the
+    producers, the consumers and the merge's ``p_lo``/``p_hi`` arithmetic all assume."""
+    pid = gl.program_id(0).to(gl.int64)
+    start = (pid * total_tiles // gl.num_programs(0)).to(gl.int32)
+    end = ((pid + 1) * total_tiles // gl.num_programs(0)).to(gl.int32)
+    return start, end
+
+
+@gluon.jit
 def _find_seq(cu_tiles_ptr, num_seqs, t, KVH: gl.constexpr):
     """The last sequence ``s`` whose first tile ``cu_tiles[s] * KVH`` is at most ``t``."""
     lo: gl.int32 = 0
@@ -105,9 +115,7 @@ def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty
               seq_lens_ptr, block_table_ptr, num_seqs, total_tiles, s_bt, KVH: gl.constexpr, D: gl.constexpr,
               BLOCK_N: gl.constexpr, PAGE: gl.constexpr, STAGES: gl.constexpr, HEAD_MAJOR: gl.constexpr):
     """One warp: every tile of the program's range into the ring, V tails zeroed (0 x NaN is NaN)."""
-    pid = gl.program_id(0).to(gl.int64)
-    start = (pid * total_tiles // gl.num_programs(0)).to(gl.int32)
-    end = ((pid + 1) * total_tiles // gl.num_programs(0)).to(gl.int32)
+    start, end = _program_range(total_tiles)
     tile = 0
     tails = 0
     t = start
@@ -160,9 +168,8 @@ def _consumer(q_ptr, out_ptr, part_o_ptr, part_ml_ptr, q_smem, k_smem, v_smem, k
     io_cols = gl.arange(0, D, layout=gl.SliceLayout(0, io_layout))
     io_mask = gl.expand_dims(io_rows < G, 1)
     zero_s = gl.zeros([M, BLOCK_N], gl.float32, layout=s_layout)
-    pid = gl.program_id(0).to(gl.int64)
-    start = (pid * total_tiles // gl.num_programs(0)).to(gl.int32)
-    end = ((pid + 1) * total_tiles // gl.num_programs(0)).to(gl.int32)
+    pid = gl.program_id(0).to(gl.int64)  # its parts' slots
+    start, end = _program_range(total_tiles)
     tile = 0
     t = start
     while t < end:
@@ -287,9 +294,7 @@ def _page_producer(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_
     """One warp: the program's range of whole head-major pages into the ring, one copy each for K
     and V; a sequence's last V page has every head's rows past the sequence zeroed."""
     ROWS: gl.constexpr = KVH * PAGE
-    pid = gl.program_id(0).to(gl.int64)
-    start = (pid * total_tiles // gl.num_programs(0)).to(gl.int32)
-    end = ((pid + 1) * total_tiles // gl.num_programs(0)).to(gl.int32)
+    start, end = _program_range(total_tiles)
     tile = 0
     tails = 0
     t = start
@@ -357,9 +362,8 @@ def _page_consumer(q_ptr, out_ptr, part_o_ptr, part_ml_ptr, sem_ptr, k_smem, v_s
     page_keys = gl.arange(0, PAGE, layout=gl.SliceLayout(0, gl.SliceLayout(1, mma)))
     zero_s = gl.zeros([KVH, GP, PAGE], gl.float32, layout=mma)
     num_programs = gl.num_programs(0)
-    pid = gl.program_id(0).to(gl.int64)
-    start = (pid * total_tiles // num_programs).to(gl.int32)
-    end = ((pid + 1) * total_tiles // num_programs).to(gl.int32)
+    pid = gl.program_id(0).to(gl.int64)  # its parts' slots
+    start, end = _program_range(total_tiles)
     tile = 0
     t = start
     seq = _find_seq(cu_tiles_ptr, num_seqs, start, 1)  # later segments: the next sequence
