@@ -37,7 +37,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from compiled_attn.kernels.gluon_prefill import _softmax_tile  # the package's kernel's softmax
-from compiled_attn.kernels.gluon_prefill import tma_load, tma_store
+from compiled_attn.kernels.gluon_prefill import _cache_row, tma_load, tma_store
 
 LOG2E = 1.4426950408889634
 
@@ -122,9 +122,7 @@ def _load_tile(desc, smem, ready, empty, stage, free_phase, j, kv_row, kv_col, b
     else:
         for i in gl.static_range(BLOCK_N // BOX):
             key = j * BLOCK_N + i * BOX
-            # Keys past the sequence (masked anyway) read block 0, never a table entry out of range.
-            block = gl.load(bt_row_ptr + key // PAGE, mask=key < seq_len, other=0)
-            tma_load(desc, [block * PAGE + key % PAGE, kv_col], ready.index(stage),
+            tma_load(desc, [_cache_row(bt_row_ptr, key, seq_len, PAGE), kv_col], ready.index(stage),
                      smem.index(stage).slice(i * BOX, BOX))
 
 
